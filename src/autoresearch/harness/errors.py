@@ -1,0 +1,5 @@
+"""The one exception type the harness raises for bad input, so the CLI can print it as a paragraph."""
+
+
+class HarnessError(RuntimeError):
+    """Bad input or state the user can fix: the message names the file and the fix."""

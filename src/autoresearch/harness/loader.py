@@ -1,0 +1,119 @@
+"""BOS-aligned best-fit packing of documents into rows, for training and for evaluation.
+
+Every row holds seq_len + 1 tokens and starts with BOS; inputs and targets are the row shifted by
+one. A row is filled with the largest buffered document that fits; when none fits, the shortest is
+cropped to fill the row exactly. Unlike the reference, the rest of a cropped document is not thrown
+away: it goes back into the buffer, behind a BOS of its own, for a later row. No padding, no token
+dropped or repeated within an epoch.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+BUFFER_DOCS = 1000  # documents to choose from when filling a row: more packs tighter, costs more time
+
+
+def _epoch_documents(doc_starts: np.ndarray, n_tokens: int, seed: int | None, epoch: int):
+    """(start, end) of every document for one epoch: shuffled by (seed, epoch), or in file order."""
+    ends = np.append(doc_starts[1:], n_tokens)
+    order = np.arange(len(doc_starts)) if seed is None else np.random.default_rng((seed, epoch)).permutation(len(doc_starts))
+    for i in order:
+        yield int(doc_starts[i]), int(ends[i])
+
+
+def pack_rows(tokens: np.ndarray, documents: Iterable[tuple[int, int]], row_len: int, bos_id: int,
+              buffer_docs: int = BUFFER_DOCS, pad_last: bool = False) -> Iterator[np.ndarray]:
+    """Yield int64 rows of `row_len` tokens packed from `documents` (spans of `tokens`, each starting
+    with BOS). When the documents run out the last, partial row is dropped, or with `pad_last`
+    filled with BOS (which carries no bytes, so the metric ignores it)."""
+    docs = iter(documents)
+    # Pieces sorted by length: (length, serial, start, end, needs_bos). A whole document already
+    # starts with its BOS; the rest of a cropped one gets a BOS prepended (needs_bos).
+    pieces: list[tuple[int, int, int, int, bool]] = []
+    serial = itertools.count()
+    exhausted = False
+    while True:
+        row = np.empty(row_len, dtype=np.int64)
+        pos = 0
+        while pos < row_len:
+            while not exhausted and len(pieces) < buffer_docs:
+                span = next(docs, None)
+                if span is None:
+                    exhausted = True
+                elif span[1] > span[0]:
+                    bisect.insort(pieces, (span[1] - span[0], next(serial), span[0], span[1], False))
+            if not pieces:
+                if pos and pad_last:
+                    row[pos:] = bos_id
+                    yield row
+                return
+            room = row_len - pos
+            i = bisect.bisect_right(pieces, (room, float("inf"))) - 1
+            length, _, start, end, needs_bos = pieces.pop(max(i, 0))
+            take = min(length, room)  # i < 0: nothing fits, crop the shortest
+            if needs_bos:
+                row[pos] = bos_id
+                row[pos + 1 : pos + take] = tokens[start : start + take - 1]
+                consumed = take - 1
+            else:
+                row[pos : pos + take] = tokens[start : start + take]
+                consumed = take
+            pos += take
+            if start + consumed < end:
+                rest = end - start - consumed
+                bisect.insort(pieces, (rest + 1, next(serial), start + consumed, end, True))
+        yield row
+
+
+def eval_rows(tokens: np.ndarray, doc_starts: np.ndarray, seq_len: int, bos_id: int, max_rows: int) -> torch.Tensor:
+    """The fixed validation rows: documents in file order, packed once, at most `max_rows`.
+    They depend only on the data and seq_len, never on anyone's batch size."""
+    rows = pack_rows(tokens, _epoch_documents(doc_starts, len(tokens), None, 0), seq_len + 1, bos_id, pad_last=True)
+    return torch.from_numpy(np.stack(list(itertools.islice(rows, max_rows))))
+
+
+class TrainLoader:
+    """Infinite (inputs, targets, epoch) batches of shape (batch_size, seq_len), on `device`.
+
+    On CUDA the batch goes through pinned memory with a non-blocking copy, so the host packs the
+    next batch while the GPU works on this one.
+    """
+
+    def __init__(self, tokens: np.ndarray, doc_starts: np.ndarray, seq_len: int, batch_size: int,
+                 bos_id: int, seed: int, device: torch.device | str = "cpu"):
+        self.tokens, self.doc_starts = tokens, doc_starts
+        self.seq_len, self.batch_size, self.bos_id, self.seed = seq_len, batch_size, bos_id, seed
+        self.device = torch.device(device)
+        self.epoch = 0
+        self._rows = pack_rows(tokens, self._documents(), seq_len + 1, bos_id)
+        if self.device.type == "cuda":
+            # Two pinned host buffers used in turn; an event says when the GPU has read one.
+            self._host = [torch.empty((2, batch_size, seq_len), dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            self._copied = [torch.cuda.Event() for _ in range(2)]
+            self._turn = 0
+
+    def _documents(self):
+        for self.epoch in itertools.count():
+            yield from _epoch_documents(self.doc_starts, len(self.tokens), self.seed, self.epoch)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        batch = np.stack([next(self._rows) for _ in range(self.batch_size)])
+        if self.device.type != "cuda":
+            inputs, targets = (torch.from_numpy(np.ascontiguousarray(a)) for a in (batch[:, :-1], batch[:, 1:]))
+            return inputs.to(self.device), targets.to(self.device), self.epoch
+        host, copied = self._host[self._turn], self._copied[self._turn]
+        self._turn ^= 1
+        copied.synchronize()  # the GPU has read this buffer's previous batch
+        host[0].numpy()[:] = batch[:, :-1]
+        host[1].numpy()[:] = batch[:, 1:]
+        on_device = host.to(self.device, non_blocking=True)
+        copied.record()
+        return on_device[0], on_device[1], self.epoch
