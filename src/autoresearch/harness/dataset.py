@@ -116,6 +116,9 @@ def prepare(source: CorpusSource, profile: Profile, *, cache: Path | None = None
         data = PreparedData.open(out, profile)
         remember_current(profile, out, cache)
         return data, False
+    for split in ("train", "val"):  # before hours of work, not after
+        if not source.files(split):
+            source.documents(split)  # raises the missing-split error
     ensure_writable_dir(out)
     started = time.time()
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
@@ -126,20 +129,21 @@ def prepare(source: CorpusSource, profile: Profile, *, cache: Path | None = None
     else:
         say(f"tokenizer: training a {profile.vocab_size}-token BPE on the train split of {source.id} ...")
         t0 = time.time()
-        tok = tokenizer_lib.train(source.documents("train"), profile.vocab_size, out)
+        train_files = ", ".join(str(p) for p in source.files("train"))
+        tok = tokenizer_lib.train(source.documents("train"), profile.vocab_size, out,
+                                  what=f"The train split of {source.id} ({train_files})")
         say(f"tokenizer: done in {time.time() - t0:.1f}s")
 
     splits = {}
     for split in SPLITS:
-        if not source.files(split):
-            if split != "test":
-                source.documents(split)  # raises the missing-split error
+        if not source.files(split):  # only test may be missing (checked above)
             continue
         splits[split] = _tokenize_split(source, split, tok, out, progress)
         if split == "val" and splits[split]["tokens"] < MIN_VAL_TOKENS:
             raise HarnessError(
-                f"The val split of {source.id} tokenizes to {splits[split]['tokens']:,} tokens, fewer "
-                f"than the {MIN_VAL_TOKENS:,} a measurement needs. Use a corpus with a larger val split."
+                f"The val split of {source.id} ({', '.join(str(p) for p in source.files(split))}) "
+                f"tokenizes to {splits[split]['tokens']:,} tokens, fewer than the {MIN_VAL_TOKENS:,} a "
+                "measurement needs. Use a corpus with a larger val split."
             )
     manifest = {
         "format": FORMAT_VERSION,

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 BUFFER_DOCS = 1000  # documents to choose from when filling a row: more packs tighter, costs more time
+EPOCH_END = None  # marks the end of an epoch in a stream of documents (see pack_rows)
+_EXHAUSTED = object()
 
 
 def _epoch_documents(doc_starts: np.ndarray, n_tokens: int, seed: int | None, epoch: int):
@@ -30,8 +32,13 @@ def pack_rows(tokens: np.ndarray, documents: Iterable[tuple[int, int]], row_len:
               buffer_docs: int = BUFFER_DOCS, pad_last: bool = False) -> Iterator[np.ndarray]:
     """Yield int64 rows of `row_len` tokens packed from `documents` (spans of `tokens`, each starting
     with BOS). When the documents run out the last, partial row is dropped, or with `pad_last`
-    filled with BOS (which carries no bytes, so the metric ignores it)."""
+    filled with BOS (which carries no bytes, so the metric ignores it).
+
+    `documents` may hold EPOCH_END between epochs: no document after it enters the buffer before
+    every piece of those before it has been placed, so a small corpus (fewer documents than the
+    buffer) is not packed several epochs at once, repeating some documents before others are seen."""
     docs = iter(documents)
+    finishing_epoch = False  # EPOCH_END met: refill only once the buffer is empty
     # Pieces sorted by length: (length, serial, start, end, needs_bos). A whole document already
     # starts with its BOS; the rest of a cropped one gets a BOS prepended (needs_bos).
     pieces: list[tuple[int, int, int, int, bool]] = []
@@ -41,10 +48,13 @@ def pack_rows(tokens: np.ndarray, documents: Iterable[tuple[int, int]], row_len:
         row = np.empty(row_len, dtype=np.int64)
         pos = 0
         while pos < row_len:
-            while not exhausted and len(pieces) < buffer_docs:
-                span = next(docs, None)
-                if span is None:
+            finishing_epoch = finishing_epoch and bool(pieces)
+            while not exhausted and not finishing_epoch and len(pieces) < buffer_docs:
+                span = next(docs, _EXHAUSTED)
+                if span is _EXHAUSTED:
                     exhausted = True
+                elif span is EPOCH_END:
+                    finishing_epoch = bool(pieces)
                 elif span[1] > span[0]:
                     bisect.insort(pieces, (span[1] - span[0], next(serial), span[0], span[1], False))
             if not pieces:
@@ -98,8 +108,11 @@ class TrainLoader:
             self._turn = 0
 
     def _documents(self):
+        # The epoch turns when the first document of the next pass is drawn, which pack_rows does
+        # only once every piece of this pass has been placed.
         for self.epoch in itertools.count():
             yield from _epoch_documents(self.doc_starts, len(self.tokens), self.seed, self.epoch)
+            yield EPOCH_END
 
     def __iter__(self):
         return self

@@ -6,12 +6,19 @@ The lab sets what the harness owns through environment variables; train.py never
   AUTORESEARCH_DEVICE       cuda, mps or cpu (default: the best present)
   AUTORESEARCH_OUTPUT       where checkpoint.pt and result.json go (default: ./run_output)
   AUTORESEARCH_TIME_BUDGET  seconds of training, overriding the profile's (for tests and smoke runs)
+  AUTORESEARCH_SEED         a seed the lab sets to repeat a run under another seed
+  AUTORESEARCH_EVENTS_FD    a pipe on which the lab times the run with its own clock
+
+The lab does not take the trainer's word for how long it trained: the harness tells it, as they
+happen, when the first batch was drawn, when training proper started (after warm-up), and when the
+checkpoint was written, and the lab timestamps each on arrival.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -48,6 +55,8 @@ class Run:
     device: torch.device
     output_dir: Path
     time_budget: float
+    seed_override: int | None = None
+    events: object | None = field(default=None, repr=False)  # a writable text stream, or None
     _val_rows: torch.Tensor | None = field(default=None, repr=False)
     _token_bytes: torch.Tensor | None = field(default=None, repr=False)
 
@@ -67,9 +76,30 @@ class Run:
     def tokenizer(self):
         return self.data.tokenizer
 
-    def train_loader(self, batch_size: int, seed: int = 0) -> TrainLoader:
-        return TrainLoader(self.data.tokens("train"), self.data.doc_starts("train"), self.seq_len,
-                           batch_size, self.bos_id, seed, self.device)
+    def seed(self, default: int) -> int:
+        """The seed to use: the lab's when it repeats a run under another seed, else `default`."""
+        return default if self.seed_override is None else self.seed_override
+
+    def train_loader(self, batch_size: int, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        loader = TrainLoader(self.data.tokens("train"), self.data.doc_starts("train"), self.seq_len,
+                             batch_size, self.bos_id, seed, self.device)
+
+        def batches():
+            first = next(loader)
+            self._event("first_batch")
+            yield first
+            yield from loader
+
+        return batches()
+
+    def training_started(self) -> None:
+        """Call once the warm-up steps are done: the budget counts from here, on the lab's clock too."""
+        self._event("training_started")
+
+    def _event(self, name: str) -> None:
+        if self.events is not None:
+            self.events.write(name + "\n")
+            self.events.flush()
 
     def eval_rows(self, split: str = "val") -> torch.Tensor:
         return eval_rows(self.data.tokens(split), self.data.doc_starts(split), self.seq_len, self.bos_id,
@@ -96,6 +126,7 @@ class Run:
         path = self.output_dir / CHECKPOINT_FILE
         with atomic_path(path) as tmp:
             torch.save({"config": config, "state_dict": state, "profile": self.profile.name}, tmp)
+        self._event("checkpoint")
         return path
 
     def write_result(self, summary: dict) -> Path:
@@ -114,4 +145,8 @@ def start_run() -> Run:
     output_dir = Path(env.get("AUTORESEARCH_OUTPUT") or "run_output")
     output_dir.mkdir(parents=True, exist_ok=True)
     budget = float(env.get("AUTORESEARCH_TIME_BUDGET") or profile.time_budget)
-    return Run(profile, data, device, output_dir, budget)
+    seed = int(env["AUTORESEARCH_SEED"]) if env.get("AUTORESEARCH_SEED") else None
+    events = None
+    if env.get("AUTORESEARCH_EVENTS_FD"):
+        events = os.fdopen(int(env["AUTORESEARCH_EVENTS_FD"]), "w", buffering=1)
+    return Run(profile, data, device, output_dir, budget, seed, events)

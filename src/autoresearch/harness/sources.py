@@ -25,6 +25,7 @@ class CorpusSource:
     files: Callable[[str], list[Path]]  # split -> files, in a fixed order
 
     def documents(self, split: str) -> Iterator[str]:
+        """The split's documents; a split without files is an error at once, not on first use."""
         files = self.files(split)
         if not files:
             raise HarnessError(
@@ -32,8 +33,7 @@ class CorpusSource:
                 f"Add shards for it (a {split}/ folder of .parquet, .txt or .jsonl files), or choose "
                 "another --source."
             )
-        for path in files:
-            yield from read_documents(path)
+        return (text for path in files for text in read_documents(path))
 
 
 def read_documents(path: Path) -> Iterator[str]:
@@ -47,6 +47,7 @@ def read_documents(path: Path) -> Iterator[str]:
 
 
 def _read_parquet(path: Path) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -62,6 +63,16 @@ def _read_parquet(path: Path) -> Iterator[str]:
             f"{path} has no `text` column (its columns: {', '.join(pf.schema_arrow.names)}). A corpus "
             "shard needs one string column named `text`, one document per row; rename the column or "
             "remove the file from the corpus directory."
+        )
+    text_type = pf.schema_arrow.field("text").type
+    if pa.types.is_dictionary(text_type):
+        text_type = text_type.value_type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)
+            or getattr(pa.types, "is_string_view", lambda t: False)(text_type)):
+        raise HarnessError(
+            f"{path} has a `text` column of type {text_type}, not strings. A corpus shard needs one "
+            "string column named `text`, one document per row; convert the column or remove the file "
+            "from the corpus directory."
         )
     try:
         for i in range(pf.num_row_groups):
@@ -84,9 +95,11 @@ def _read_jsonl(path: Path) -> Iterator[str]:
                 continue
             try:
                 text = json.loads(line)["text"]
+                if text is not None and not isinstance(text, str):
+                    raise TypeError
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise HarnessError(
-                    f"{path}, line {lineno}: expected a JSON object with a `text` field. Fix or remove "
+                    f"{path}, line {lineno}: expected a JSON object with a string `text` field. Fix or remove "
                     "the line, or the file from the corpus directory."
                 ) from None
             if text:

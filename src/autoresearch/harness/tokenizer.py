@@ -57,8 +57,9 @@ class Tokenizer:
         return out
 
 
-def train(texts: Iterable[str], vocab_size: int, out_dir: Path) -> Tokenizer:
-    """Train a BPE of `vocab_size` tokens (special ones included) and save it in `out_dir`."""
+def train(texts: Iterable[str], vocab_size: int, out_dir: Path, what: str = "The tokenizer training text") -> Tokenizer:
+    """Train a BPE of `vocab_size` tokens (special ones included) and save it in `out_dir`.
+    `what` names the text in the error raised when it is too small."""
     import rustbpe  # only here: encoding does not need it
 
     n_merged = vocab_size - len(SPECIAL_TOKENS)
@@ -69,8 +70,9 @@ def train(texts: Iterable[str], vocab_size: int, out_dir: Path) -> Tokenizer:
     ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
     if len(ranks) != n_merged:
         raise HarnessError(
-            f"The tokenizer training text yielded only {len(ranks)} tokens, fewer than the "
-            f"{n_merged} the profile asks for: the training split is too small for vocab {vocab_size}."
+            f"{what} yielded only {len(ranks)} tokens, fewer than the {n_merged} the profile asks "
+            f"for: it is too small for vocab {vocab_size}. Give it more text, or use a profile with a "
+            "smaller vocabulary."
         )
     save(ranks, out_dir)
     return load(out_dir, vocab_size)
