@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
@@ -46,6 +48,116 @@ def _cmd_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_init(args: argparse.Namespace) -> int:
+    from .harness import get_profile, prepare, resolve_source
+    from .lab.decide import DecisionRule
+    from .lab.workspace import Workspace
+
+    profile = get_profile(args.profile)
+    source = resolve_source(args.source or profile.default_source, num_shards=args.num_shards)
+    data, _ = prepare(source, profile)
+    rule = DecisionRule(name=args.rule, baseline_runs=args.baseline_runs)
+    trainer = Path(args.trainer).read_text() if args.trainer else None
+    ws = Workspace.create(Path(args.dir), tag=args.tag or time.strftime("%b%d").lower(), profile=profile.name,
+                          data=data, rule=rule, trainer_source=trainer)
+    if args.budget is not None:
+        ws.config["time_budget"] = args.budget
+        ws.save_config()
+    print(f"workspace ready: {ws.root} (branch {ws.config['branch']}, profile {profile.name}, "
+          f"budget {ws.time_budget:g}s, data {data.path})")
+    print(f"next: `autoresearch run {args.dir}` to start the loop, or point a coding agent at "
+          f"{ws.root / 'program.md'}")
+    return 0
+
+
+def _open_lab(path: str | None):
+    from .lab.loop import Lab
+    from .lab.workspace import Workspace
+
+    return Lab(Workspace.open(Path(path) if path else None))
+
+
+def _stop_on_signals(lab) -> None:
+    """First Ctrl-C (or SIGTERM): finish cleanly, killing the trial in flight. Second: stop at once."""
+    def handler(signum, frame):
+        if lab.stop.is_set():
+            raise KeyboardInterrupt
+        lab.stop.set()
+        print("\nstopping: killing the trial in flight and recording it (Ctrl-C again to abort)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _cmd_baseline(args: argparse.Namespace) -> int:
+    lab = _open_lab(args.workspace)
+    _stop_on_signals(lab)
+    try:
+        lab.resume()
+        best = lab.baseline()
+        sigma = lab.sigma()
+        print(f"baseline: val_bpb {best.mean:.6f} over {len(best.values)} run(s)"
+              + (f", noise floor sigma {sigma:.6f}" if sigma is not None else ""))
+    finally:
+        lab.close()
+    return 0
+
+
+def _cmd_trial(args: argparse.Namespace) -> int:
+    lab = _open_lab(args.workspace)
+    _stop_on_signals(lab)
+    try:
+        trial = lab.candidate(args.message, args.proposer)
+    finally:
+        lab.close()
+    shown = f"val_bpb {trial.val_bpb:.6f}" if trial.val_bpb is not None else trial.reason
+    print(f"{trial.status}: {shown}")
+    if trial.decision.get("why"):
+        print(f"  why: {trial.decision['why']}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .proposers import make_proposer
+
+    proposer = make_proposer(args.proposer, script=Path(args.script) if args.script else None)
+    lab = _open_lab(args.workspace)
+    _stop_on_signals(lab)
+    try:
+        lab.run(proposer, max_trials=args.max_trials, max_hours=args.max_hours)
+    finally:
+        lab.close()
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    lab = _open_lab(args.workspace)
+    try:
+        trials = lab.ledger.trials()
+        best, sigma = lab.best(), lab.sigma()
+        ws = lab.ws
+        print(f"workspace {ws.root} (branch {ws.config['branch']}, profile {ws.config['profile']}, "
+              f"budget {ws.time_budget:g}s)")
+        if best is None:
+            print("no baseline yet: `autoresearch run` (or `autoresearch baseline`) starts it")
+        else:
+            base = [t.val_bpb for t in trials if t.kind == "baseline" and t.status == "keep"]
+            print(f"best      {best.commit[:7]}  val_bpb {best.mean:.6f} over {len(best.values)} run(s)")
+            if base:
+                print(f"baseline  val_bpb {sum(base) / len(base):.6f} over {len(base)} run(s); "
+                      + (f"noise floor sigma {sigma:.6f}" if sigma is not None else "no noise estimate yet"))
+        counts = {s: sum(t.status == s for t in trials) for s in ("keep", "discard", "crash", "running")}
+        print("trials    " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+        for t in trials[-args.last:]:
+            value = f"{t.val_bpb:.6f}" if t.val_bpb is not None else "   -    "
+            print(f"  #{t.id:<4} {t.short_sha} {t.status:<8} {value}  {t.description[:70]}")
+            if t.status == "crash" and t.reason:
+                print(f"        {t.reason[:150]}")
+    finally:
+        lab.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .harness import PROFILES
 
@@ -77,16 +189,63 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profiles", help="list the compute profiles and their frozen constants")
     p.set_defaults(func=_cmd_profiles)
+
+    p = sub.add_parser("init", help="make a workspace: a git repo with train.py and program.md for a profile",
+                       description="Make a workspace for one research run: a git repository (or a new branch "
+                       "autoresearch/TAG in an existing one) holding train.py and program.md, with the "
+                       "profile's data prepared and the harness fingerprint recorded.")
+    p.add_argument("dir", nargs="?", default=".", help="the workspace folder (default: here)")
+    p.add_argument("--tag", help="run tag; the branch is autoresearch/TAG (default: today, e.g. nov24)")
+    p.add_argument("--profile", default="cpu", choices=sorted(PROFILES), help="compute profile (default: cpu)")
+    p.add_argument("--source", help="corpus, as for `prepare` (default: the profile's)")
+    p.add_argument("--num-shards", type=int, help="climbmix training shards (default: 10)")
+    p.add_argument("--budget", type=float, help="training seconds per trial (default: the profile's)")
+    p.add_argument("--trainer", help="start from this train.py instead of the template's")
+    p.add_argument("--rule", default="noise", choices=("noise", "strict"),
+                   help="keep rule: `noise` keeps gains well above the noise floor; `strict` keeps any gain, "
+                   "as the reference does (default: noise)")
+    p.add_argument("--baseline-runs", type=int, default=3, help="seeds of the baseline that estimate the noise (default: 3)")
+    p.set_defaults(func=_cmd_init)
+
+    p = sub.add_parser("baseline", help="run the unedited train.py under several seeds (the noise floor)")
+    p.add_argument("workspace", nargs="?", help="workspace folder (default: the one around here)")
+    p.set_defaults(func=_cmd_baseline)
+
+    p = sub.add_parser("trial", help="try the edit now in train.py: commit, train, measure, decide, record",
+                       description="What a coding agent runs after editing train.py. The lab audits the edit, "
+                       "commits it, trains it, scores it, keeps it or reverts it, and records it.")
+    p.add_argument("-m", "--message", required=True, help="one line saying what the edit changes")
+    p.add_argument("--proposer", default="agent", help="who made the edit, for the record (default: agent)")
+    p.add_argument("workspace", nargs="?", help="workspace folder (default: the one around here)")
+    p.set_defaults(func=_cmd_trial)
+
+    p = sub.add_parser("run", help="the loop: baseline, then propose, train, decide, record, until stopped",
+                       description="Run the research loop. It resumes where it stopped: after Ctrl-C, kill -9 or "
+                       "a reboot, run it again.")
+    p.add_argument("workspace", nargs="?", help="workspace folder (default: the one around here)")
+    p.add_argument("--proposer", default="scripted", help="who proposes the edits (now: scripted)")
+    p.add_argument("--script", help="for --proposer scripted: a JSON list of edits")
+    p.add_argument("--max-trials", type=int, help="stop after this many proposals")
+    p.add_argument("--max-hours", type=float, help="stop after this many hours")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("status", help="the best result, the noise floor and the latest trials")
+    p.add_argument("workspace", nargs="?", help="workspace folder (default: the one around here)")
+    p.add_argument("--last", type=int, default=15, help="trials to list (default: 15)")
+    p.set_defaults(func=_cmd_status)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from .harness import HarnessError
+    from .lab.ledger import LedgerVersionError
+    from .lab.loop import LabError
+    from .lab.workspace import WorkspaceError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (HarnessError, ValueError) as e:
+    except (HarnessError, WorkspaceError, LabError, LedgerVersionError, ValueError) as e:
         print(f"autoresearch: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

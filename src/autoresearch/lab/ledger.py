@@ -1,0 +1,180 @@
+"""The ledger: every trial of a workspace in one SQLite database, and results.tsv beside it.
+
+SQLite in WAL mode, so a reader (status, report, dashboard) never blocks the loop. Rows are only
+ever added or completed, never deleted: a discarded trial's diff stays here after git forgets it.
+results.tsv is rewritten from the database after every change, in the reference's exact format.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+RESULTS_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
+STATUSES = ("running", "keep", "discard", "crash")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS trials (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,              -- baseline, candidate, rerun (another seed of a candidate), drift
+    commit_sha TEXT,
+    parent_sha TEXT,
+    proposer TEXT NOT NULL,
+    description TEXT NOT NULL,
+    diff TEXT NOT NULL DEFAULT '',
+    seed INTEGER,
+    status TEXT NOT NULL,            -- running, keep, discard, crash
+    reason TEXT NOT NULL DEFAULT '',
+    decision TEXT NOT NULL DEFAULT '{}',   -- JSON: rule, sigma, threshold, delta, why
+    val_bpb REAL,                    -- the harness's measurement: the number that decides
+    trainer_summary TEXT NOT NULL DEFAULT '{}',  -- JSON: what train.py printed, for information
+    training_seconds REAL,           -- measured by the lab, not by the trainer
+    total_seconds REAL,
+    total_tokens_m REAL,
+    num_steps INTEGER,
+    mfu_percent REAL,
+    peak_vram_mb REAL,
+    hardware TEXT NOT NULL DEFAULT '{}',
+    log_path TEXT NOT NULL DEFAULT '',
+    started_at REAL NOT NULL,
+    ended_at REAL
+);
+"""
+
+
+class LedgerVersionError(RuntimeError):
+    pass
+
+
+@dataclass
+class Trial:
+    id: int
+    kind: str
+    commit_sha: str | None
+    parent_sha: str | None
+    proposer: str
+    description: str
+    diff: str
+    seed: int | None
+    status: str
+    reason: str
+    decision: dict
+    val_bpb: float | None
+    trainer_summary: dict
+    training_seconds: float | None
+    total_seconds: float | None
+    total_tokens_m: float | None
+    num_steps: int | None
+    mfu_percent: float | None
+    peak_vram_mb: float | None
+    hardware: dict
+    log_path: str
+    started_at: float
+    ended_at: float | None
+    _json_fields = ("decision", "trainer_summary", "hardware")
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "Trial":
+        values = dict(row)
+        for key in cls._json_fields:
+            values[key] = json.loads(values[key] or "{}")
+        return cls(**values)
+
+    @property
+    def short_sha(self) -> str:
+        return (self.commit_sha or "0000000")[:7]
+
+
+class Ledger:
+    def __init__(self, path: Path, results_tsv: Path | None = None):
+        self.path = Path(path)
+        self.results_tsv = results_tsv
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # a finished trial survives a power cut
+        self.db.executescript(_SCHEMA)
+        version = self.get_meta("schema_version")
+        if version is None:
+            self.set_meta("schema_version", SCHEMA_VERSION)
+        elif int(version) > SCHEMA_VERSION:
+            raise LedgerVersionError(
+                f"{self.path} was written by a newer autoresearch (ledger schema {version}, this one "
+                f"knows {SCHEMA_VERSION}). Upgrade autoresearch to read it."
+            )
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- meta: workspace-wide values such as the noise floor -----------------------------------
+    def get_meta(self, key: str, default=None):
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_meta(self, key: str, value) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    # --- trials ---------------------------------------------------------------------------------
+    def begin(self, *, kind: str, proposer: str, description: str, commit_sha: str | None,
+              parent_sha: str | None, diff: str, seed: int | None, log_path: str = "") -> int:
+        cur = self.db.execute(
+            "INSERT INTO trials (kind, commit_sha, parent_sha, proposer, description, diff, seed, status, "
+            "log_path, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
+            (kind, commit_sha, parent_sha, proposer, description, diff, seed, log_path, time.time()),
+        )
+        self._write_tsv()
+        return cur.lastrowid
+
+    def update(self, trial_id: int, **fields) -> None:
+        for key in Trial._json_fields:
+            if key in fields:
+                fields[key] = json.dumps(fields[key], sort_keys=True)
+        if fields.get("status") in ("keep", "discard", "crash") and "ended_at" not in fields:
+            fields["ended_at"] = time.time()
+        unknown = set(fields) - set(Trial.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown trial fields: {sorted(unknown)}")
+        assignments = ", ".join(f"{k} = ?" for k in fields)
+        self.db.execute(f"UPDATE trials SET {assignments} WHERE id = ?", (*fields.values(), trial_id))
+        self._write_tsv()
+
+    def trial(self, trial_id: int) -> Trial:
+        row = self.db.execute("SELECT * FROM trials WHERE id = ?", (trial_id,)).fetchone()
+        if row is None:
+            raise KeyError(trial_id)
+        return Trial.from_row(row)
+
+    def trials(self, *, kind: str | None = None, status: str | None = None) -> list[Trial]:
+        query, args = "SELECT * FROM trials WHERE 1=1", []
+        if kind:
+            query, args = query + " AND kind = ?", [*args, kind]
+        if status:
+            query, args = query + " AND status = ?", [*args, status]
+        return [Trial.from_row(r) for r in self.db.execute(query + " ORDER BY id", args)]
+
+    # --- results.tsv ----------------------------------------------------------------------------
+    def results_rows(self) -> list[str]:
+        """One line per finished trial, in the reference's format: crash rows carry 0.000000 and 0.0."""
+        lines = [RESULTS_HEADER]
+        for t in self.trials():
+            if t.status == "running":
+                continue
+            crashed = t.status == "crash" or t.val_bpb is None
+            bpb = 0.0 if crashed else t.val_bpb
+            mem = 0.0 if crashed else (t.peak_vram_mb or 0.0) / 1024
+            status = "crash" if crashed else t.status
+            description = " ".join(t.description.split())  # no tabs or newlines inside a field
+            lines.append(f"{t.short_sha}\t{bpb:.6f}\t{mem:.1f}\t{status}\t{description}")
+        return lines
+
+    def _write_tsv(self) -> None:
+        if self.results_tsv is None:
+            return
+        tmp = self.results_tsv.with_name(f".{self.results_tsv.name}.tmp")
+        tmp.write_text("\n".join(self.results_rows()) + "\n")
+        tmp.replace(self.results_tsv)

@@ -1,0 +1,294 @@
+"""One trial: run train.py under the lab's clock and limits, then score its checkpoint.
+
+The trainer runs in its own process group with the workspace as working directory, its output in
+a log file, no secrets in its environment, and a hard wall-clock limit after which the whole group
+is killed. The lab times training itself (see harness.session), checks that nothing outside the
+trial's own folder was touched, and has the checkpoint scored by the harness in a fresh process.
+What train.py prints is kept for information; the harness's number decides.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .workspace import LAB_DIR, Workspace, WorkspaceError
+
+SECRET_NAME = re.compile(r"(_API_KEY|_TOKEN|_SECRET|_PASSWORD)$|^(AWS_|ANTHROPIC_|OPENAI_)", re.IGNORECASE)
+SUMMARY_KEYS = ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
+                "total_tokens_M", "num_steps", "num_params_M", "depth")
+LOG_TAIL_LINES = 40
+TRIAL_ENV = "AUTORESEARCH_TRIAL"
+
+
+@dataclass
+class TrialOutcome:
+    """What one run of a commit produced; `reason` is empty when it produced a valid val_bpb."""
+
+    val_bpb: float | None = None
+    reason: str = ""
+    summary: dict = field(default_factory=dict)
+    training_seconds: float | None = None  # the lab's clock
+    total_seconds: float = 0.0
+    hardware: dict = field(default_factory=dict)
+    log_tail: str = ""
+
+    @property
+    def crashed(self) -> bool:
+        return self.val_bpb is None
+
+
+def trainer_env(ws: Workspace, out_dir: Path, seed: int | None, token: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not SECRET_NAME.search(k)}
+    env.update({
+        "AUTORESEARCH_PROFILE": ws.config["profile"],
+        "AUTORESEARCH_DATA": ws.config["data"],
+        "AUTORESEARCH_OUTPUT": str(out_dir),
+        "AUTORESEARCH_TIME_BUDGET": repr(ws.time_budget),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        TRIAL_ENV: token,
+    })
+    env.pop("AUTORESEARCH_SEED", None)
+    if seed is not None:
+        env["AUTORESEARCH_SEED"] = str(seed)
+    return env
+
+
+def parse_summary(log: str) -> dict:
+    """The `key: value` lines after the last `---` line of train.py's output."""
+    lines = log.splitlines()
+    last_rule = max((i for i, line in enumerate(lines) if line.strip() == "---"), default=None)
+    summary = {}
+    for line in lines[last_rule + 1 :] if last_rule is not None else []:
+        key, colon, value = line.partition(":")
+        if colon and key.strip() in SUMMARY_KEYS:
+            try:
+                summary[key.strip()] = float(value)
+            except ValueError:
+                pass
+    return summary
+
+
+def kill_trial_processes(token: str, pgid: int | None = None) -> int:
+    """Kill the trainer's process group and any process that carries the trial's token in its
+    environment (children that left the group with setsid). Returns how many were found alive."""
+    found = 0
+    if pgid is not None:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+            found += 1
+        except (ProcessLookupError, PermissionError):
+            pass
+    needle = f"{TRIAL_ENV}={token}".encode()
+    proc = Path("/proc")
+    if proc.is_dir():
+        for entry in proc.iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    found += 1
+            except (OSError, ValueError):
+                continue
+    return found
+
+
+def _lab_snapshot(ws: Workspace, own: Path) -> dict:
+    """Size and mtime of the lab's files, but the trial's own folder and the ledger (whose content
+    is compared separately: SQLite readers may touch its files legitimately)."""
+    snap = {}
+    for path in ws.lab_dir.rglob("*"):
+        if path.is_file() and own not in path.parents and not path.name.startswith("ledger.db"):
+            st = path.stat()
+            snap[str(path.relative_to(ws.root))] = (st.st_size, st.st_mtime_ns)
+    return snap
+
+
+class EventClock(threading.Thread):
+    """Reads the harness's events from the trainer and stamps them with the lab's own clock."""
+
+    def __init__(self, fd: int):
+        super().__init__(daemon=True)
+        self.fd = fd
+        self.times: dict[str, float] = {}
+
+    def run(self) -> None:
+        buffer = b""
+        with os.fdopen(self.fd, "rb", buffering=0) as pipe:
+            while chunk := pipe.read(4096):
+                now = time.monotonic()
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    self.times.setdefault(line.decode(errors="replace").strip(), now)
+
+
+def run_trainer(ws: Workspace, out_dir: Path, seed: int | None, token: str, log_path: Path,
+                stop: threading.Event | None = None) -> tuple[int | None, str, EventClock, float]:
+    """Run train.py; returns (exit code or None if killed, why it was killed, clock, seconds)."""
+    read_fd, write_fd = os.pipe()
+    env = trainer_env(ws, out_dir, seed, token)
+    env["AUTORESEARCH_EVENTS_FD"] = str(write_fd)
+    clock = EventClock(read_fd)
+    started = time.monotonic()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "train.py"], cwd=ws.root, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=(write_fd,),
+                                start_new_session=True, preexec_fn=_die_with_parent)
+        os.close(write_fd)
+        clock.start()
+        killed = ""
+        try:
+            while proc.poll() is None:
+                if time.monotonic() - started > ws.time_limit:
+                    killed = f"timeout: still running after the {ws.time_limit:.0f}s limit (budget {ws.time_budget:g}s + grace)"
+                elif stop is not None and stop.is_set():
+                    killed = "interrupted"
+                if killed:
+                    kill_trial_processes(token, proc.pid)
+                    proc.wait()
+                    break
+                time.sleep(0.05)
+        except BaseException:
+            kill_trial_processes(token, proc.pid)
+            proc.wait()
+            raise
+    seconds = time.monotonic() - started
+    clock.join(timeout=5)
+    return (None if killed else proc.returncode), killed, clock, seconds
+
+
+def _die_with_parent() -> None:
+    """In the trainer's process, before exec: be killed if the lab dies (Linux), even by kill -9."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-LOG_TAIL_LINES:])
+
+
+def _crash_reason(code: int, tail: str) -> str:
+    lowered = tail.lower()
+    if "out of memory" in lowered or "outofmemoryerror" in lowered:
+        kind = "OOM"
+    elif "nan" in lowered and ("loss" in lowered or "diverg" in lowered):
+        kind = "NaN"
+    elif "syntaxerror" in lowered:
+        kind = "syntax error"
+    elif "importerror" in lowered or "modulenotfounderror" in lowered:
+        kind = "import error"
+    else:
+        kind = "exit"
+    last = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "")
+    return f"{kind}: train.py exited with code {code}" + (f": {last[:300]}" if last else "")
+
+
+def check_training_time(ws: Workspace, clock: EventClock, ended: float) -> tuple[float | None, str]:
+    """(training seconds on the lab's clock, a reason to reject or '')."""
+    first = clock.times.get("first_batch")
+    if first is None:
+        return None, "train.py never drew a batch from the harness loader (run.train_loader)"
+    start = clock.times.get("training_started", first)
+    end = clock.times.get("checkpoint", ended)
+    warmup = start - first
+    if warmup > ws.config["warmup_cap_seconds"]:
+        return None, (f"warm-up took {warmup:.1f}s between the first batch and run.training_started(), over "
+                      f"the {ws.config['warmup_cap_seconds']:g}s cap: training before the clock starts is not allowed")
+    training = end - start
+    allowed = ws.time_budget * (1 + ws.config["training_tolerance"]) + 0.5
+    if training > allowed:
+        return training, (f"trained {training:.1f}s by the lab's clock, over the {ws.time_budget:g}s budget "
+                          f"(+{ws.config['training_tolerance']:.0%} tolerance); the budget is wall-clock time "
+                          "from run.training_started() to run.save_checkpoint()")
+    return training, ""
+
+
+def evaluate(ws: Workspace, out_dir: Path, token: str, split: str = "val") -> dict:
+    """Score the checkpoint in a fresh harness process."""
+    result_path = out_dir / f"eval-{split}.json"
+    env = trainer_env(ws, out_dir, None, token)
+    cmd = [sys.executable, "-m", "autoresearch.harness.evaluate", str(ws.root / "train.py"),
+           str(out_dir / "checkpoint.pt"), str(result_path), "--split", split]
+    proc = subprocess.run(cmd, cwd=ws.root, env=env, capture_output=True, text=True,
+                          timeout=max(600.0, ws.time_limit), start_new_session=True)
+    kill_trial_processes(token)
+    try:
+        result = json.loads(result_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        return {"error": f"the evaluation process failed (exit {proc.returncode}): {' | '.join(tail)}"}
+    return result
+
+
+def run_trial(ws: Workspace, trial_id: int, seed: int | None, ledger_content, stop: threading.Event | None = None) -> TrialOutcome:
+    """Run the commit checked out in `ws` once and measure it. `ledger_content()` returns something
+    that changes whenever the ledger's rows change, to catch a trainer that writes into it."""
+    out_dir = ws.trial_dir(trial_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "train.log"
+    token = f"{ws.config['id']}:{trial_id}"
+    head = ws.head()
+    before_lab, before_ledger = _lab_snapshot(ws, out_dir), ledger_content()
+
+    code, killed, clock, seconds = run_trainer(ws, out_dir, seed, token, log_path, stop)
+    ended = time.monotonic()
+    strays = kill_trial_processes(token)
+    tail = _log_tail(log_path)
+    outcome = TrialOutcome(total_seconds=seconds, log_tail=tail, summary=parse_summary(log_path.read_text(errors="replace")))
+
+    def crash(reason: str) -> TrialOutcome:
+        outcome.reason = reason
+        return outcome
+
+    # Tampering first: a trainer that changed the harness must not have its checkpoint scored by it.
+    try:
+        ws.check_fingerprint()
+    except WorkspaceError as e:
+        return crash(f"tampering: train.py changed the harness or its data during the run. {e}")
+    if ledger_content() != before_ledger:
+        return crash(f"tampering: the ledger in {LAB_DIR}/ was written during the trial")
+    after_lab = _lab_snapshot(ws, out_dir)
+    touched = sorted(k for k in set(before_lab) | set(after_lab) if before_lab.get(k) != after_lab.get(k))
+    if touched:
+        return crash(f"tampering: the trial wrote into {LAB_DIR}/ outside its own folder: {', '.join(touched[:5])}")
+    if ws.head() != head or ws.changed_files():
+        return crash("tampering: the trial changed the git repository or its files "
+                     f"({', '.join(ws.changed_files()[:5]) or 'HEAD moved'})")
+    if killed:
+        return crash(killed)
+    if code != 0:
+        return crash(_crash_reason(code, tail))
+    if strays:
+        return crash(f"left {strays} process(es) running after it exited; they were killed")
+    outcome.training_seconds, late = check_training_time(ws, clock, ended)
+    if late:
+        return crash(late)
+
+    result = evaluate(ws, out_dir, token)
+    outcome.hardware = result.get("hardware", {})
+    if "error" in result:
+        return crash(f"evaluation: {result['error']}")
+    probe = result["causality"]
+    if not probe["causal"]:
+        return crash(f"causality violation: logits before position {probe['cut']} changed by "
+                     f"{probe['max_relative_diff']:.2e} (tolerance {probe['tolerance']:.0e}) when later tokens "
+                     "changed: the model reads tokens it is meant to predict")
+    outcome.val_bpb = result["val_bpb"]
+    return outcome

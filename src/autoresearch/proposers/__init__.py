@@ -1,0 +1,16 @@
+"""Proposers: who writes the next change to train.py. Each implements lab.proposer.Proposer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .scripted import ScriptedProposer
+
+NAMES = ("scripted",)
+
+
+def make_proposer(name: str, *, script: Path | None = None):
+    if name == "scripted":
+        if script is None:
+            raise ValueError("the scripted proposer needs --script FILE (a JSON list of edits)")
+        return ScriptedProposer.from_file(script)
+    raise ValueError(f"unknown proposer {name!r}; choose one of: {', '.join(NAMES)}")
