@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import shutil
@@ -147,7 +148,17 @@ def test_the_stored_files_are_plain_text_and_json(tokenizer_dir, tok):
     assert meta["vocab_size"] == VOCAB
     assert meta["pattern"] == SPLIT_PATTERN
     assert meta["special_tokens"] == {name: VOCAB - 4 + i for i, name in enumerate(SPECIAL_TOKENS)}
-    assert meta["ranks_sha256"] == tok.sha256
+    assert meta["ranks_sha256"] == hashlib.sha256((tokenizer_dir / RANKS_FILE).read_bytes()).hexdigest()
+
+
+def test_the_identity_changes_with_the_split_pattern(tmp_path, tokenizer_dir, tok):
+    # A changed pattern tokenizes differently: the harness fingerprint must see it.
+    copy = tmp_path / "copy"
+    shutil.copytree(tokenizer_dir, copy)
+    meta = json.loads((copy / META_FILE).read_text())
+    meta["pattern"] = meta["pattern"].replace("{1,2}", "{1,3}")
+    (copy / META_FILE).write_text(json.dumps(meta))
+    assert tokenizer_lib.load(copy, VOCAB).sha256 != tok.sha256
 
 
 def test_training_text_too_small_for_the_vocabulary_is_an_error(tmp_path):

@@ -1,16 +1,25 @@
 """The frozen harness: profiles, corpus sources, tokenizer, packing loader and the bpb metric.
 
 train.py uses `start_run()`; everything else here is for `prepare`, the lab and the tests.
+Names are imported on first use, so `autoresearch --help` does not pay for importing torch.
 """
-from .dataset import PreparedData, prepare, prepared_dir
-from .errors import HarnessError
-from .metric import evaluate_bpb
-from .profiles import PROFILES, Profile, get_profile
-from .session import Run, start_run
-from .sources import resolve_source
-from .template import render_trainer
+from importlib import import_module
 
-__all__ = [
-    "HarnessError", "PROFILES", "PreparedData", "Profile", "Run", "evaluate_bpb", "get_profile", "prepare",
-    "prepared_dir", "render_trainer", "resolve_source", "start_run",
-]
+_EXPORTS = {
+    "HarnessError": "errors",
+    "PROFILES": "profiles", "Profile": "profiles", "get_profile": "profiles",
+    "PreparedData": "dataset", "prepare": "dataset", "prepared_dir": "dataset",
+    "evaluate_bpb": "metric",
+    "Run": "session", "start_run": "session",
+    "resolve_source": "sources",
+    "render_trainer": "template",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

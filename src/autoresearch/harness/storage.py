@@ -41,6 +41,9 @@ def atomic_path(final: Path):
     fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes it private; the final file is an ordinary one
     try:
         yield tmp_path
         os.replace(tmp_path, final)

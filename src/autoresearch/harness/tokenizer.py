@@ -35,7 +35,7 @@ class Tokenizer:
     encoding: "tiktoken.Encoding"  # noqa: F821
     vocab_size: int
     bos_id: int
-    sha256: str  # of the merge table: part of the harness fingerprint
+    sha256: str  # of the merge table, split pattern and special tokens: part of the harness fingerprint
 
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
@@ -135,4 +135,7 @@ def load(directory: Path, expected_vocab_size: int | None = None) -> Tokenizer:
         mergeable_ranks=ranks,
         special_tokens=meta["special_tokens"],
     )
-    return Tokenizer(encoding, meta["vocab_size"], meta["special_tokens"][SPECIAL_TOKENS[0]], meta["ranks_sha256"])
+    # The identity covers what encoding depends on besides the merges: the pattern and special tokens.
+    identity = hashlib.sha256(json.dumps([meta["ranks_sha256"], meta["pattern"], meta["special_tokens"]],
+                                         sort_keys=True).encode()).hexdigest()
+    return Tokenizer(encoding, meta["vocab_size"], meta["special_tokens"][SPECIAL_TOKENS[0]], identity)

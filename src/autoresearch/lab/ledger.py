@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS trials (
     mfu_percent REAL,
     peak_vram_mb REAL,
     hardware TEXT NOT NULL DEFAULT '{}',
+    proposer_usage TEXT NOT NULL DEFAULT '{}',  -- JSON: what proposing cost (LLM tokens, dollars, seconds)
     log_path TEXT NOT NULL DEFAULT '',
     started_at REAL NOT NULL,
     ended_at REAL
@@ -72,10 +73,11 @@ class Trial:
     mfu_percent: float | None
     peak_vram_mb: float | None
     hardware: dict
+    proposer_usage: dict
     log_path: str
     started_at: float
     ended_at: float | None
-    _json_fields = ("decision", "trainer_summary", "hardware")
+    _json_fields = ("decision", "trainer_summary", "hardware", "proposer_usage")
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Trial":

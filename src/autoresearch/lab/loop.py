@@ -92,10 +92,11 @@ class Lab:
         return outcome
 
     def _begin(self, kind: str, description: str, proposer: str, commit: str | None, parent: str | None,
-               diff: str = "", seed: int | None = None) -> int:
+               diff: str = "", seed: int | None = None, usage: dict | None = None) -> int:
         trial_id = self.ledger.begin(kind=kind, proposer=proposer, description=description, commit_sha=commit,
                                      parent_sha=parent, diff=diff, seed=seed)
-        self.ledger.update(trial_id, log_path=str(self.ws.trial_dir(trial_id) / "train.log"))
+        self.ledger.update(trial_id, log_path=str(self.ws.trial_dir(trial_id) / "train.log"),
+                           proposer_usage=usage or {})
         return trial_id
 
     def _drop_checkpoint(self, trial_id: int) -> None:
@@ -126,8 +127,9 @@ class Lab:
         return Best(base, values)
 
     # --- one candidate ----------------------------------------------------------------------------
-    def candidate(self, description: str, proposer: str) -> Trial:
-        """Audit, commit, run and decide on the edit now in the working tree."""
+    def candidate(self, description: str, proposer: str, usage: dict | None = None) -> Trial:
+        """Audit, commit, run and decide on the edit now in the working tree. `usage` is what the
+        proposal cost (tokens, dollars, seconds), recorded with the trial."""
         self.ws.check_fingerprint()
         best = self.best()
         if best is None:
@@ -136,21 +138,21 @@ class Lab:
         changed = self.ws.changed_files()
         allowed = set(self.ws.config["allowed_files"])
         if not changed:
-            trial_id = self._begin("candidate", description, proposer, None, best.commit)
+            trial_id = self._begin("candidate", description, proposer, None, best.commit, usage=usage)
             self.ledger.update(trial_id, status="discard", reason="no change: the proposal edited nothing")
             return self.ledger.trial(trial_id)
         forbidden = [f for f in changed if f not in allowed]
         if forbidden:
             diff = self.ws.working_diff()
             self.ws.reset_to(best.commit)
-            trial_id = self._begin("candidate", description, proposer, None, best.commit, diff)
+            trial_id = self._begin("candidate", description, proposer, None, best.commit, diff, usage=usage)
             self.ledger.update(trial_id, status="crash",
                                reason=f"rejected edit: only {', '.join(sorted(allowed))} may change, but "
                                       f"{', '.join(forbidden)} did; the edit was undone")
             return self.ledger.trial(trial_id)
         commit = self.ws.commit(changed, description)
         trial_id = self._begin("candidate", description, proposer, commit, best.commit,
-                               self.ws.diff(best.commit, commit))
+                               self.ws.diff(best.commit, commit), usage=usage)
         self.log(f"trial {trial_id}: {description}")
         rows, values = [trial_id], []
         decision: Decision | None = None
@@ -222,7 +224,7 @@ class Lab:
             except Exception as e:  # a proposer's failure is recorded; the loop goes on
                 self.ws.reset_to(self.best().commit)
                 trial_id = self._begin("candidate", f"proposal failed: {type(e).__name__}", proposer.name,
-                                       None, self.best().commit)
+                                       None, self.best().commit, usage=getattr(proposer, "last_usage", None))
                 self.ledger.update(trial_id, status="crash", reason=f"proposer error: {e}")
                 proposer.tell(self.ledger.trial(trial_id))
                 done += 1
@@ -230,7 +232,7 @@ class Lab:
             if description is None:
                 self.log("stopping: the proposer has nothing more to propose")
                 break
-            trial = self.candidate(description, proposer.name)
+            trial = self.candidate(description, proposer.name, getattr(proposer, "last_usage", None))
             proposer.tell(trial)
             done += 1
             if rule.drift_every and done % rule.drift_every == 0 and not self.stop.is_set():

@@ -26,6 +26,9 @@ class ProposalContext:
 
 
 class Proposer(Protocol):
+    """`last_usage`, if a proposer has it, is a dict of what its last proposal cost (e.g. LLM
+    tokens, dollars, seconds); the lab records it with the trial."""
+
     name: str
 
     def propose(self, ctx: ProposalContext) -> str | None:
