@@ -134,6 +134,26 @@ def test_resume_after_kill_9_in_the_middle_of_a_trial_loses_nothing(tmp_path, cp
     assert git(ws.root, "status", "--porcelain") == ""
 
 
+def test_ctrl_c_kills_the_trial_in_flight_and_leaves_a_consistent_state(tmp_path, cpu_prepared):
+    ws = make_workspace(tmp_path / "ws", cpu_prepared, budget=30.0, baseline_runs=1)
+    (tmp_path / "none.json").write_text("[]")
+    lab = subprocess.Popen([sys.executable, "-m", "autoresearch", "run", str(ws.root), "--script",
+                            str(tmp_path / "none.json")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not trainer_processes(ws) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert trainer_processes(ws), "the baseline never started"
+    lab.send_signal(signal.SIGINT)
+    out, err = lab.communicate(timeout=30)
+    assert lab.returncode == 0, err
+    assert "stopped" in out
+    assert not trainer_processes(ws)
+    trials = Ledger(ws.ledger_path).trials()
+    assert [(t.status, t.reason) for t in trials] == [("crash", "interrupted")]
+    assert git(ws.root, "status", "--porcelain") == ""
+
+
 def trainer_processes(ws) -> list[int]:
     needle = f"AUTORESEARCH_TRIAL={ws.config['id']}:".encode()
     found = []

@@ -95,6 +95,9 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     try:
         lab.resume()
         best = lab.baseline()
+        if best is None:
+            print("stopped before the baseline was complete; `autoresearch baseline` continues it")
+            return 0
         sigma = lab.sigma()
         print(f"baseline: val_bpb {best.mean:.6f} over {len(best.values)} run(s)"
               + (f", noise floor sigma {sigma:.6f}" if sigma is not None else ""))
@@ -127,6 +130,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         lab.run(proposer, max_trials=args.max_trials, max_hours=args.max_hours)
     finally:
         lab.close()
+    if lab.stop.is_set():
+        print("stopped cleanly; `autoresearch run` continues where this stopped")
     return 0
 
 

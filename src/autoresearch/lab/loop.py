@@ -103,8 +103,9 @@ class Lab:
         (self.ws.trial_dir(trial_id) / "checkpoint.pt").unlink(missing_ok=True)
 
     # --- the baseline -----------------------------------------------------------------------------
-    def baseline(self) -> Best:
-        """Run the unedited train.py under `baseline_runs` seeds; their spread is the noise floor."""
+    def baseline(self) -> Best | None:
+        """Run the unedited train.py under `baseline_runs` seeds; their spread is the noise floor.
+        None if the lab was told to stop before the baseline was complete."""
         self.ws.check_fingerprint()
         base = self.ws.config["base_commit"]
         runs = [t for t in self.ledger.trials(kind="baseline") if t.status == "keep"]
@@ -117,11 +118,15 @@ class Lab:
             outcome = self._measure(trial_id, seed)
             if outcome.crashed:
                 self.ledger.update(trial_id, status="crash")
+                if self.stop.is_set():
+                    return None
                 raise LabError(f"The baseline crashed: {outcome.reason}\n{outcome.log_tail}\nFix train.py (its "
                                f"log: {self.ws.trial_dir(trial_id) / 'train.log'}) and run again.")
             self.ledger.update(trial_id, status="keep", decision={"why": "baseline"})
             runs.append(self.ledger.trial(trial_id))
             self.log(f"  val_bpb {outcome.val_bpb:.6f}")
+        if len(runs) < wanted:
+            return None
         values = [t.val_bpb for t in runs]
         self.ledger.set_meta("sigma", noise_floor(values))
         return Best(base, values)
@@ -209,7 +214,8 @@ class Lab:
         interrupted = self.resume()
         if interrupted:
             self.log(f"resumed: trial(s) {', '.join(map(str, interrupted))} were interrupted and recorded as crashed")
-        self.baseline()
+        if self.baseline() is None:
+            return
         done = 0
         rule = self.ws.rule
         while not self.stop.is_set():

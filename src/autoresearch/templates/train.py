@@ -1,0 +1,586 @@
+"""
+train.py: the research surface of autoresearch. Change anything in it.
+
+A GPT trained with MuonAdamW for a fixed wall-clock budget, then scored by the harness in bits per
+byte on the fixed validation rows (val_bpb, lower is better). `python train.py` runs it; the lab
+chooses the profile, data, device and output folder through the environment, never through flags.
+
+Keep three things working, because the lab relies on them:
+  - `build_model(config)`: the lab rebuilds the model from checkpoint.pt with it, in another process;
+  - `model(inputs)` returns fp32 logits (B, T, vocab) for int64 inputs (B, T), and never sees targets;
+  - the summary block printed at the end (after a line `---`), and run.write_result(...).
+"""
+import os
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import contextlib
+import gc
+import math
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from autoresearch import harness
+
+# ---------------------------------------------------------------------------------------------
+# Hyperparameters: one `NAME = literal` per line (searches parse and rewrite these lines).
+# Defaults are the reference's, for one H100; a profile may write other values over them.
+# ---------------------------------------------------------------------------------------------
+DEPTH = 8  # transformer blocks; width = DEPTH * ASPECT_RATIO rounded up to a multiple of HEAD_DIM
+ASPECT_RATIO = 64  # model width per block of depth
+HEAD_DIM = 128  # channels per attention head
+N_KV_HEAD = 0  # key/value heads for grouped-query attention; 0 = one per query head
+WINDOW_PATTERN = "SSSL"  # attention window per layer, cycled: S = half the context, L = all; last layer is L
+TOTAL_BATCH_SIZE = 524288  # tokens per optimizer step (2**19)
+DEVICE_BATCH_SIZE = 128  # rows per forward/backward pass; lower it if memory runs out
+EMBEDDING_LR = 0.6  # AdamW, token and value embeddings
+UNEMBEDDING_LR = 0.004  # AdamW, the output head
+MATRIX_LR = 0.04  # Muon, every matrix inside the blocks
+SCALAR_LR = 0.5  # AdamW, the x0 lambdas (resid lambdas get 1% of it)
+WEIGHT_DECAY = 0.2  # Muon's cautious weight decay, decayed linearly to 0 over the run
+ADAM_BETAS = (0.8, 0.95)  # AdamW betas (the x0 lambdas use (0.96, 0.95))
+WARMUP_RATIO = 0.0  # fraction of the time budget spent ramping the learning rate up
+WARMDOWN_RATIO = 0.5  # fraction of the time budget spent decaying it to FINAL_LR_FRAC
+FINAL_LR_FRAC = 0.0  # learning rate at the end, as a fraction of the peak
+SEED = 42  # model initialisation and data order
+
+SOFTCAP = 15.0  # logits = SOFTCAP * tanh(logits / SOFTCAP), in fp32
+VE_GATE_CHANNELS = 32  # input channels of the value-embedding gate
+ROPE_BASE = 10000.0
+LOG_EVERY_S = 5.0  # seconds between progress lines (the warm-up steps are all printed)
+EVAL_BATCH_TOKENS = 65536  # at most this many tokens per evaluation batch (the metric does not depend on it)
+
+# Dense bf16 peak FLOP/s by device name, for MFU. Unknown devices report 0.
+PEAK_FLOPS = [  # (substrings of torch.cuda.get_device_name(), FLOP/s), first match wins
+    (("H100", "PCIe"), 756e12),
+    (("H100",), 989.5e12),
+    (("H200",), 989.5e12),
+    (("A100",), 312e12),
+    (("L40S",), 362e12),
+    (("4090",), 165.2e12),
+    (("3090",), 71e12),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))  # RMSNorm without parameters
+
+
+def rotate(x, cos, sin):
+    """RoPE on (B, T, H, D): rotate the pairs (x[i], x[i + D/2]) by position-dependent angles."""
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def window_mask(T, window, device):
+    """(T, T) bool, True where query i may see key j: j <= i and i - j < window."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    return (j <= i) & (i - j < window)
+
+
+def attention(q, k, v, window, path="sdpa", block_mask=None):
+    """Causal attention on (B, H, T, D) tensors; each query sees its `window` latest keys, itself
+    included. Every path computes the same function; they differ in speed only.
+      flex:  FlexAttention with a block-sparse mask (sliding windows; needs torch.compile)
+      sdpa:  scaled_dot_product_attention (cuDNN/flash for full causal, an explicit mask otherwise)
+      plain: softmax(q k^T / sqrt(D)) v in fp32, the reference the tests compare against
+    """
+    T, gqa = q.size(2), q.size(1) != k.size(1)
+    if path == "flex" and block_mask is not None and torch.compiler.is_compiling():
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    if path == "plain":
+        rep = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(rep, dim=1).float(), v.repeat_interleave(rep, dim=1).float()
+        scores = (q.float() @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        scores = scores.masked_fill(~window_mask(T, window, q.device), float("-inf"))
+        return (scores.softmax(dim=-1) @ v).to(q.dtype)
+    if window >= T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, window, q.device), enable_gqa=gqa)
+
+
+def has_value_embedding(layer, n_layer):
+    return layer % 2 == (n_layer - 1) % 2  # alternating layers, the last one included
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        d, self.n_head, self.n_kv_head, self.head_dim = cfg["n_embd"], cfg["n_head"], cfg["n_kv_head"], cfg["head_dim"]
+        self.c_q = nn.Linear(d, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, d, bias=False)
+        self.ve_gate = None
+        if has_value_embedding(layer, cfg["n_layer"]):
+            self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
+
+    def forward(self, x, ve, cos, sin, window, path, block_mask):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # value embedding, mixed in through a gate in (0, 2), 1 at initialisation
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, n_kv_head)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim).to(v.dtype)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q, k = norm(rotate(q, cos, sin)), norm(rotate(k, cos, sin))  # RoPE, then QK-norm
+        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window, path, block_mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg["n_embd"], 4 * cfg["n_embd"], bias=False)
+        self.c_proj = nn.Linear(4 * cfg["n_embd"], cfg["n_embd"], bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU squared
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, ve, cos, sin, window, path, block_mask):
+        x = x + self.attn(norm(x), ve, cos, sin, window, path, block_mask)
+        return x + self.mlp(norm(x))
+
+
+def layer_windows(cfg):
+    """Keys each layer's queries may see: S = half the context, L = all of it; the last layer is L."""
+    T = cfg["seq_len"]
+    sizes = {"S": T // 2, "L": T}
+    pattern = cfg["window_pattern"].upper()
+    if not pattern or set(pattern) - set(sizes):
+        raise ValueError(f"WINDOW_PATTERN must be made of S and L, got {cfg['window_pattern']!r}")
+    windows = [sizes[pattern[i % len(pattern)]] for i in range(cfg["n_layer"])]
+    windows[-1] = T
+    return windows
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = dict(cfg)
+        V, d, L = cfg["vocab_size"], cfg["n_embd"], cfg["n_layer"]
+        kv_dim = cfg["n_kv_head"] * cfg["head_dim"]
+        self.wte = nn.Embedding(V, d)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(L)])
+        self.lm_head = nn.Linear(d, V, bias=False)  # not tied to wte
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in range(L) if has_value_embedding(i, L)})
+        self.resid_lambdas = nn.Parameter(torch.ones(L))  # scales the residual stream before each block
+        self.x0_lambdas = nn.Parameter(torch.full((L,), 0.1))  # mixes the normed embedding back in
+        self.windows = layer_windows(cfg)
+        half = cfg["head_dim"] // 2
+        inv_freq = ROPE_BASE ** (-torch.arange(half, dtype=torch.float32) / half)
+        angles = torch.outer(torch.arange(cfg["seq_len"], dtype=torch.float32), inv_freq)[None, :, None, :]
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+        # Set by the training script, not saved: kernels and precision of this process.
+        self.attn_path = "sdpa"  # "sdpa", "flex" (sliding windows under torch.compile) or "plain"
+        self.block_masks = {}  # window -> FlexAttention BlockMask
+        self.compute_dtype = None  # dtype of the residual stream (bf16 on CUDA); None = as computed
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        s = 3**0.5 * self.config["n_embd"] ** -0.5  # uniform bound with std 1/sqrt(width)
+        nn.init.normal_(self.wte.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for block in self.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(lin.weight, -s, s)
+            nn.init.zeros_(block.attn.c_proj.weight)  # every block starts as the identity
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)  # gate = 2 sigmoid(0) = 1
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -s, s)
+        self.resid_lambdas.fill_(1.0)
+        self.x0_lambdas.fill_(0.1)
+
+    def use_flex_attention(self, device):
+        """Serve the sliding-window layers with FlexAttention (only inside torch.compile)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        T = self.config["seq_len"]
+        for w in set(self.windows) - {T}:
+            def mask_mod(b, h, q_idx, kv_idx, w=w):
+                return (kv_idx <= q_idx) & (q_idx - kv_idx < w)
+
+            self.block_masks[w] = create_block_mask(mask_mod, None, None, T, T, device=device)
+        self.attn_path = "flex"
+
+    def forward(self, idx):
+        B, T = idx.shape
+        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        x = self.wte(idx)
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        x = x0 = norm(x)
+        for i, block in enumerate(self.blocks):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            w = self.windows[i]
+            x = block(x, ve, cos, sin, w, self.attn_path, self.block_masks.get(w) if T == self.config["seq_len"] else None)
+        logits = self.lm_head(norm(x)).float()
+        return SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+
+def model_config(vocab_size, seq_len):
+    width = -(-DEPTH * ASPECT_RATIO // HEAD_DIM) * HEAD_DIM
+    n_head = width // HEAD_DIM
+    n_kv_head = N_KV_HEAD or n_head
+    if n_head % n_kv_head:
+        raise ValueError(f"N_KV_HEAD={N_KV_HEAD} must divide the {n_head} query heads")
+    return dict(vocab_size=vocab_size, seq_len=seq_len, n_layer=DEPTH, n_embd=width, n_head=n_head,
+                n_kv_head=n_kv_head, head_dim=HEAD_DIM, window_pattern=WINDOW_PATTERN)
+
+
+def build_model(config):
+    """The model described by `config` (a dict saved in the checkpoint), freshly initialised on the
+    current default device. The lab calls this, then load_state_dict, to score a checkpoint."""
+    return GPT(config)
+
+
+def flops_per_token(model, exact=False):
+    """Training FLOPs per token: 6 per matrix weight (the embeddings are lookups) plus attention.
+    The reference's estimate counts every query against min(window, T) keys; exact=True counts the
+    keys a causal query really sees (on average about half as many)."""
+    cfg = model.config
+    lookups = model.wte.weight.numel() + sum(e.weight.numel() for e in model.value_embeds.values())
+    scalars = model.resid_lambdas.numel() + model.x0_lambdas.numel()
+    dense = sum(p.numel() for p in model.parameters()) - lookups - scalars
+    T, qdim = cfg["seq_len"], cfg["n_head"] * cfg["head_dim"]
+    keys = 0.0
+    for w in model.windows:
+        keys += sum(min(i + 1, w) for i in range(T)) / T if exact else min(w, T)
+    return 6 * dense + 12 * qdim * keys
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer: Muon (with NorMuon and cautious weight decay) for block matrices, AdamW for the rest
+# ---------------------------------------------------------------------------------------------
+# Polar Express coefficients (Amsel et al. 2025, as used by modded-nanogpt and nanochat): five
+# steps of X <- a X + b (X X^T) X + c (X X^T)^2 X, each pulling the singular values towards 1.
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def polar_express(g):
+    """Approximately orthogonalise a stack of matrices (N, rows, cols), in bf16: U V^T of g's SVD."""
+    x = g.bfloat16()
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # singular values now below 1
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT  # iterate on the wide side: the Gram matrix is the smaller one
+    for a, b, c in POLAR_EXPRESS:
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return x.mT if tall else x
+
+
+def muon_update(params, grads, momentum_buf, second_moment, momentum, lr, wd, beta2):
+    """One Muon step for a group of same-shape matrices, in place on `params`."""
+    p, g = torch.stack(params), torch.stack(grads)
+    momentum_buf.lerp_(g, 1 - momentum)
+    u = polar_express(g.lerp_(momentum_buf, momentum)).float()  # Nesterov, then orthogonalise
+    # NorMuon: divide each row (each column, for wide matrices) by the running RMS of its updates,
+    # then rescale so that the update keeps the Frobenius norm the orthogonalisation gave it.
+    dim = -1 if u.size(-2) >= u.size(-1) else -2
+    mean_sq = u.square().mean(dim=dim, keepdim=True)
+    second_moment.lerp_(mean_sq, 1 - beta2)
+    scale = second_moment.clamp_min(1e-10).rsqrt()
+    before = mean_sq.sum(dim=(-2, -1), keepdim=True)
+    after = (mean_sq * scale.square()).sum(dim=(-2, -1), keepdim=True)
+    u = u * (scale * (before / after.clamp_min(1e-20)).sqrt())
+    # Cautious weight decay: decay only the entries whose update already moves them towards zero.
+    decay = (u * p >= 0).to(u.dtype) * p
+    p.sub_(lr * (u + wd * decay))
+    for param, new in zip(params, p.unbind(0)):
+        param.copy_(new)
+
+
+def adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd):
+    p.mul_(1 - lr * wd)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.lerp_(grad.square(), 1 - beta2)
+    denom = (exp_avg_sq / (1 - beta2**step)).sqrt() + eps
+    p.sub_(lr / (1 - beta1**step) * exp_avg / denom)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Groups of kind 'adamw' (lr, betas, eps, weight_decay) and 'muon' (lr, momentum, beta2,
+    weight_decay; every parameter of a group has the same shape, so one stacked update serves it)."""
+
+    def __init__(self, param_groups, compiled=False):
+        super().__init__(param_groups, defaults={})
+        for group in self.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+            if group["kind"] == "muon":
+                assert len({p.shape for p in group["params"]}) == 1, "a Muon group holds one shape"
+        compile = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if compiled else (lambda f: f)
+        self._muon, self._adamw = compile(muon_update), compile(adamw_update)
+        # Compiled steps take hyperparameters as 0-d tensors, so that changing them recompiles nothing.
+        self._num = (lambda x: torch.tensor(x, dtype=torch.float32)) if compiled else float
+
+    @torch.no_grad()
+    def step(self):
+        num = self._num
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group["kind"] == "adamw":
+                beta1, beta2 = group["betas"]
+                for p in params:
+                    state = self.state[p]
+                    if not state:
+                        state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                    state["step"] += 1
+                    self._adamw(p, p.grad, state["exp_avg"], state["exp_avg_sq"], num(state["step"]), num(group["lr"]),
+                                num(beta1), num(beta2), num(group["eps"]), num(group["weight_decay"]))
+            else:
+                state = self.state[params[0]]
+                rows, cols = params[0].shape
+                if not state:
+                    state["momentum_buffer"] = torch.zeros(len(params), rows, cols, device=params[0].device)
+                    shape = (len(params), rows, 1) if rows >= cols else (len(params), 1, cols)
+                    state["second_moment"] = torch.zeros(shape, device=params[0].device)
+                lr = group["lr"] * max(1.0, rows / cols) ** 0.5
+                update = self._muon if min(rows, cols) > 1 else muon_update  # Inductor miscompiles (1, n) stacks
+                update(params, [p.grad for p in params], state["momentum_buffer"], state["second_moment"],
+                           num(group["momentum"]), num(lr), num(group["weight_decay"]), num(group["beta2"]))
+
+
+def setup_optimizer(model, compiled=False):
+    width = model.config["n_embd"]
+    scale = (width / 768) ** -0.5  # AdamW rates were tuned at width 768
+    block_matrices = [p for p in model.blocks.parameters()]
+    assert all(p.ndim == 2 for p in block_matrices)
+    adamw = dict(kind="adamw", betas=ADAM_BETAS, eps=1e-10, weight_decay=0.0)
+    groups = [
+        dict(adamw, params=[model.lm_head.weight], lr=UNEMBEDDING_LR * scale),
+        dict(adamw, params=[model.wte.weight], lr=EMBEDDING_LR * scale),
+        dict(adamw, params=list(model.value_embeds.parameters()), lr=EMBEDDING_LR * scale),
+        dict(adamw, params=[model.resid_lambdas], lr=SCALAR_LR * 0.01 * scale),
+        dict(adamw, params=[model.x0_lambdas], lr=SCALAR_LR * scale, betas=(0.96, 0.95)),
+    ]
+    for shape in sorted({tuple(p.shape) for p in block_matrices}):
+        same = [p for p in block_matrices if tuple(p.shape) == shape]
+        groups.append(dict(kind="muon", params=same, lr=MATRIX_LR, momentum=0.95, beta2=0.95, weight_decay=WEIGHT_DECAY))
+    n_opt = sum(p.numel() for g in groups for p in g["params"])
+    assert n_opt == sum(p.numel() for p in model.parameters()), "every parameter belongs to one group"
+    return MuonAdamW(groups, compiled=compiled)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules (progress = training seconds / time budget)
+# ---------------------------------------------------------------------------------------------
+def lr_multiplier(progress):
+    if progress < WARMUP_RATIO:
+        return progress / WARMUP_RATIO
+    if progress < 1.0 - WARMDOWN_RATIO:
+        return 1.0
+    left = (1.0 - progress) / WARMDOWN_RATIO
+    return left + (1 - left) * FINAL_LR_FRAC
+
+
+def muon_momentum(step):
+    frac = min(step / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def peak_flops(name):
+    """Dense bf16 FLOP/s of a CUDA device, by the name torch gives it; 0 when unknown."""
+    return next((flops for keys, flops in PEAK_FLOPS if all(k in name for k in keys)), 0.0)
+
+
+def cpu_has_bf16():
+    """Whether this CPU multiplies bf16 natively (elsewhere bf16 is emulated, slower than fp32)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class TrainingFailed(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+def setup_device(model, device):
+    """Precision and attention kernels for `device`: (autocast context, SDPA-backend context, description)."""
+    autocast, attn_kernels, paths = contextlib.nullcontext(), contextlib.nullcontext(), "sdpa"
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    if device.type == "cuda":
+        model.compute_dtype = torch.bfloat16  # a bf16 residual stream
+        if torch.cuda.get_device_capability(device) >= (9, 0):  # Hopper: cuDNN attention is the fastest exact one
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+            attn_kernels, paths = sdpa_kernel(order, set_priority=True), "sdpa(cudnn)"
+        if any(w < model.config["seq_len"] for w in model.windows):
+            model.use_flex_attention(device)  # sliding windows: block-sparse FlexAttention
+            paths += "+flex"
+    return autocast, attn_kernels, paths
+
+
+def make_loss_fn(model, compiled):
+    def loss_fn(inputs, targets):
+        logits = model(inputs)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    return torch.compile(loss_fn, dynamic=False) if compiled else loss_fn
+
+
+def main():
+    t_start = time.time()
+    run = harness.start_run()
+    device, T = run.device, run.seq_len
+    cuda = device.type == "cuda"
+    compiled = cuda  # torch.compile pays off on CUDA only; CPU and MPS run eagerly
+    torch.manual_seed(SEED)
+    if cuda:
+        torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in fp32
+    tokens_per_pass = DEVICE_BATCH_SIZE * T
+    if TOTAL_BATCH_SIZE % tokens_per_pass:
+        raise TrainingFailed(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} must be a multiple of DEVICE_BATCH_SIZE * "
+                             f"seq_len = {DEVICE_BATCH_SIZE} * {T} = {tokens_per_pass}")
+    grad_accum = TOTAL_BATCH_SIZE // tokens_per_pass
+
+    config = model_config(run.vocab_size, T)
+    with torch.device(device):
+        model = build_model(config)
+    num_params = sum(p.numel() for p in model.parameters())
+    flops, flops_exact = flops_per_token(model), flops_per_token(model, exact=True)
+    optimizer = setup_optimizer(model, compiled=compiled)
+    autocast, attn_kernels, paths = setup_device(model, device)
+    train_loss = make_loss_fn(model, compiled)
+    loader = run.train_loader(DEVICE_BATCH_SIZE, SEED)
+    peak = peak_flops(torch.cuda.get_device_name(device)) if cuda else 0.0  # no MFU on CPU or MPS: 0
+    print(f"device={device} profile={run.profile.name} params={num_params:,} width={config['n_embd']} "
+          f"heads={config['n_head']} kv_heads={config['n_kv_head']} windows={model.windows} attention={paths} "
+          f"grad_accum={grad_accum} budget_s={run.time_budget:g} flops_per_token={flops:.3e}", flush=True)
+
+    uncounted = 10 if compiled else 2  # warm-up steps (compilation) kept out of the time budget
+    step, training_time, smooth_loss, last_log, counted_steps = 0, 0.0, 0.0, 0.0, 0
+    inputs, targets, epoch = next(loader)
+    t_train = time.time()
+    with attn_kernels:
+        while True:
+            t0 = time.time()
+            for _ in range(grad_accum):
+                with autocast:
+                    loss = train_loss(inputs, targets)
+                (loss / grad_accum).backward()
+                inputs, targets, epoch = next(loader)
+            progress = min(training_time / run.time_budget, 1.0)
+            lrm = lr_multiplier(progress)
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+                if group["kind"] == "muon":
+                    group["momentum"] = muon_momentum(step)
+                    group["weight_decay"] = WEIGHT_DECAY * (1 - progress)
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
+            loss_f = loss.item()  # waits for the device
+            if not math.isfinite(loss_f) or loss_f > 100:
+                raise TrainingFailed(
+                    f"training loss is {loss_f} at step {step}: the run diverged. Lower the learning rates "
+                    "(MATRIX_LR, EMBEDDING_LR, UNEMBEDDING_LR, SCALAR_LR), or undo the last change.")
+            dt = time.time() - t0
+            if step >= uncounted:
+                training_time += dt
+                counted_steps += 1
+            if step == 0:  # everything allocated from now on lives until the end: stop the GC
+                gc.collect()
+                gc.freeze()
+                gc.disable()
+            step += 1
+            smooth_loss = 0.9 * smooth_loss + 0.1 * loss_f
+            now = time.time()
+            done = step > uncounted and training_time >= run.time_budget
+            if step <= uncounted or done or now - last_log >= LOG_EVERY_S:
+                last_log = now
+                tok_s = TOTAL_BATCH_SIZE / dt
+                print(f"train step={step} progress_pct={100 * progress:.1f} loss={smooth_loss / (1 - 0.9**step):.4f} "
+                      f"lrm={lrm:.3f} dt_ms={1000 * dt:.0f} tok_per_s={tok_s:.0f} mfu_pct={100 * flops * tok_s / peak if peak else 0:.1f} "
+                      f"epoch={epoch} remaining_s={max(0.0, run.time_budget - training_time):.0f}", flush=True)
+            if done:
+                break
+    warmup_seconds = now - t_train - training_time
+
+    # Save first, so that a crash in evaluation loses nothing; then let the harness score the model.
+    run.save_checkpoint(model, config)
+    t_eval = time.time()
+    val_bpb = run.evaluate_bpb(model, max(1, min(DEVICE_BATCH_SIZE, EVAL_BATCH_TOKENS // T)))
+    eval_seconds = time.time() - t_eval
+    if cuda:
+        peak_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    elif device.type == "mps":
+        peak_mem_mb = torch.mps.driver_allocated_memory() / 2**20
+    else:
+        import resource
+
+        peak_mem_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    tok_s = TOTAL_BATCH_SIZE * counted_steps / max(training_time, 1e-9)
+    summary = dict(
+        val_bpb=val_bpb,
+        training_seconds=training_time,
+        total_seconds=time.time() - t_start,
+        peak_vram_mb=peak_mem_mb,
+        mfu_percent=100 * flops * tok_s / peak if peak else 0.0,
+        total_tokens_M=step * TOTAL_BATCH_SIZE / 1e6,
+        num_steps=step,
+        num_params_M=num_params / 1e6,
+        depth=DEPTH,
+    )
+    extra = dict(tokens_per_second=tok_s, mfu_exact_percent=100 * flops_exact * tok_s / peak if peak else 0.0,
+                 flops_per_token=flops, flops_per_token_exact=flops_exact, warmup_seconds=warmup_seconds,
+                 eval_seconds=eval_seconds, final_train_loss=smooth_loss / (1 - 0.9**step), epochs=epoch,
+                 attention=paths, config=config)
+    run.write_result({**summary, **extra})
+    formats = dict(val_bpb="{:.6f}", training_seconds="{:.1f}", total_seconds="{:.1f}", peak_vram_mb="{:.1f}",
+                   mfu_percent="{:.2f}", total_tokens_M="{:.1f}", num_steps="{}", num_params_M="{:.1f}", depth="{}")
+    print("---")
+    for key, fmt in formats.items():
+        print(f"{key + ':':<18}{fmt.format(summary[key])}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (TrainingFailed, harness.HarnessError) as e:
+        print(f"FAIL: {e}", flush=True)
+        sys.exit(1)
+    except torch.OutOfMemoryError:
+        print(f"FAIL: out of memory. Lower DEVICE_BATCH_SIZE (now {DEVICE_BATCH_SIZE}; it must still divide "
+              f"TOTAL_BATCH_SIZE / seq_len, and gradient accumulation keeps the step size), or make the model "
+              f"smaller (DEPTH, ASPECT_RATIO), or undo the last change.", flush=True)
+        sys.exit(1)
