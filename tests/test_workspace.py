@@ -11,7 +11,7 @@ from autoresearch.lab.workspace import Workspace, WorkspaceError, git
 def test_init_makes_a_repository_on_a_branch_with_the_profile_s_train_py(tmp_path, cpu_prepared):
     ws = Workspace.create(tmp_path / "ws", tag="nov24", profile="cpu", data=cpu_prepared)
     assert git(ws.root, "branch", "--show-current") == "autoresearch/nov24"
-    assert git(ws.root, "ls-files").split() == [".gitignore", "program.md", "train.py"]
+    assert git(ws.root, "ls-files").split() == [".gitignore", "autoresearch.toml", "program.md", "train.py"]
     assert (ws.root / "train.py").read_text() == render_trainer(PROFILES["cpu"])
     assert {"results.tsv", ".autoresearch/"} <= set((ws.root / ".gitignore").read_text().split())
     config = json.loads((ws.root / ".autoresearch" / "config.json").read_text())

@@ -123,11 +123,16 @@ def _cmd_trial(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .proposers import make_proposer
 
-    proposer = make_proposer(args.proposer, script=Path(args.script) if args.script else None)
     lab = _open_lab(args.workspace)
-    _stop_on_signals(lab)
     try:
-        lab.run(proposer, max_trials=args.max_trials, max_hours=args.max_hours)
+        settings = lab.ws.settings()
+        run_settings = settings.get("run", {})
+        name = args.proposer or ("scripted" if args.script else run_settings.get("proposer", "search"))
+        proposer = make_proposer(name, lab.ws.root, settings.get(name, {}),
+                                 script=Path(args.script) if args.script else None)
+        _stop_on_signals(lab)
+        lab.run(proposer, max_trials=args.max_trials if args.max_trials is not None else run_settings.get("max_trials"),
+                max_hours=args.max_hours if args.max_hours is not None else run_settings.get("max_hours"))
     finally:
         lab.close()
     if lab.stop.is_set():
@@ -228,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the research loop. It resumes where it stopped: after Ctrl-C, kill -9 or "
                        "a reboot, run it again.")
     p.add_argument("workspace", nargs="?", help="workspace folder (default: the one around here)")
-    p.add_argument("--proposer", default="scripted", help="who proposes the edits (now: scripted)")
+    p.add_argument("--proposer", help="who proposes the edits: search, agent, llm or scripted "
+                   "(default: [run] proposer in the workspace's autoresearch.toml, else search)")
     p.add_argument("--script", help="for --proposer scripted: a JSON list of edits")
     p.add_argument("--max-trials", type=int, help="stop after this many proposals")
     p.add_argument("--max-hours", type=float, help="stop after this many hours")

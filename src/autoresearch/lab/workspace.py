@@ -1,6 +1,7 @@
 """A workspace: the git repository of one research run, and the lab's folder inside it.
 
     train.py, program.md        tracked: the research surface and the agents' protocol
+    autoresearch.toml           tracked: settings of the loop and its proposers (edited by people)
     results.tsv                 untracked: the reference's five-column record
     .autoresearch/              untracked: config, ledger, trial logs and checkpoints
 
@@ -27,6 +28,7 @@ from .decide import DecisionRule
 
 LAB_DIR = ".autoresearch"
 CONFIG_FILE = "config.json"
+SETTINGS_FILE = "autoresearch.toml"
 GITIGNORE = "results.tsv\n.autoresearch/\n__pycache__/\nrun_output/\n"
 
 
@@ -82,11 +84,14 @@ class Workspace:
             if not git(root, "config", "--get", key, check=False):
                 git(root, "config", key, value)
         (root / "train.py").write_text(trainer_source if trainer_source is not None else render_trainer(get_profile(profile)))
-        (root / "program.md").write_text(resources.files("autoresearch").joinpath("templates", "program.md").read_text())
+        templates = resources.files("autoresearch").joinpath("templates")
+        (root / "program.md").write_text(templates.joinpath("program.md").read_text())
+        if not (root / SETTINGS_FILE).exists():
+            (root / SETTINGS_FILE).write_text(templates.joinpath(SETTINGS_FILE).read_text())
         ignore = root / ".gitignore"
         existing = ignore.read_text().splitlines() if ignore.exists() else []
         ignore.write_text("\n".join(existing + [line for line in GITIGNORE.split() if line not in existing]) + "\n")
-        git(root, "add", "train.py", "program.md", ".gitignore")
+        git(root, "add", "train.py", "program.md", SETTINGS_FILE, ".gitignore")
         git(root, "commit", "-q", "-m", f"baseline: train.py for profile {profile}")
         config = {
             "version": 1,
@@ -159,6 +164,20 @@ class Workspace:
         """Wall-clock seconds after which the trainer's whole process group is killed."""
         grace = self.config["grace_seconds"]
         return self.time_budget + (max(self.time_budget, 60.0) if grace is None else float(grace))
+
+    def settings(self) -> dict:
+        """autoresearch.toml as a dict of tables ({} when the file is absent)."""
+        path = self.root / SETTINGS_FILE
+        if not path.is_file():
+            return {}
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            return tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise WorkspaceError(f"{path} is not valid TOML: {e}. Fix the file (or delete it for the defaults).") from None
 
     def open_data(self) -> PreparedData:
         return PreparedData.open(Path(self.config["data"]), self.profile)
