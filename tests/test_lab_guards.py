@@ -144,3 +144,19 @@ def test_secrets_are_not_passed_to_the_trainer(tmp_path, cpu_prepared, monkeypat
                      "    print('SECRETS', [k for k in os.environ if k in ('OPENAI_API_KEY', 'HF_TOKEN')])\n"))
     ws, outcome = trial(tmp_path, cpu_prepared, snoop)
     assert "SECRETS []" in (ws.trial_dir(1) / "train.log").read_text()
+
+
+def test_a_forged_ledger_row_is_caught_and_the_record_restored(tmp_path, cpu_prepared):
+    from autoresearch.lab.loop import Lab
+
+    forger = variant(("    run.save_checkpoint(model, config)\n",
+                      "    run.save_checkpoint(model, config)\n    import sqlite3\n"
+                      "    db = sqlite3.connect('.autoresearch/ledger.db')\n"
+                      "    db.execute(\"UPDATE trials SET val_bpb = 0.5, status = 'keep'\")\n    db.commit()\n"))
+    ws = make_workspace(tmp_path / "ws", cpu_prepared, forger, baseline_runs=1)
+    lab = Lab(ws, log=lambda msg: None)
+    with pytest.raises(Exception, match="tampering: the ledger"):
+        lab.baseline()  # the baseline itself forges: the lab refuses to go on
+    (trial,) = lab.ledger.trials()
+    assert (trial.status, trial.val_bpb) == ("crash", None)
+    assert trial.reason == "tampering: the ledger in .autoresearch/ was written during the trial"

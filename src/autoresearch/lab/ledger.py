@@ -159,6 +159,20 @@ class Ledger:
             query, args = query + " AND status = ?", [*args, status]
         return [Trial.from_row(r) for r in self.db.execute(query + " ORDER BY id", args)]
 
+    # --- guarding the record during a trial ------------------------------------------------------
+    def content(self) -> list:
+        """Every row of every table: what a trial must leave exactly as it found it."""
+        return [list(self.db.execute(f"SELECT * FROM {table} ORDER BY 1")) for table in ("meta", "trials")]
+
+    def snapshot(self) -> sqlite3.Connection:
+        copy = sqlite3.connect(":memory:")
+        self.db.backup(copy)
+        return copy
+
+    def restore(self, snapshot: sqlite3.Connection) -> None:
+        snapshot.backup(self.db)
+        self._write_tsv()
+
     # --- results.tsv ----------------------------------------------------------------------------
     def results_rows(self) -> list[str]:
         """One line per finished trial, in the reference's format: crash rows carry 0.000000 and 0.0."""
