@@ -165,3 +165,30 @@ def trainer_processes(ws) -> list[int]:
             except OSError:
                 pass
     return found
+
+
+def test_a_proposer_that_rewrites_the_record_is_caught_and_the_record_restored(tmp_path, cpu_prepared):
+    import sqlite3
+
+    class Forger:
+        name = "forger"
+        proposals = 0
+
+        def propose(self, ctx):
+            self.proposals += 1
+            if self.proposals > 1:
+                return None
+            db = sqlite3.connect(ctx.workspace / ".autoresearch" / "ledger.db")
+            db.execute("UPDATE trials SET val_bpb = 0.1")
+            db.commit()
+            return "nothing to see"
+
+        def tell(self, trial):
+            pass
+
+    ws = make_workspace(tmp_path / "ws", cpu_prepared, baseline_runs=1)
+    lab = Lab(ws, log=lambda msg: None)
+    lab.run(Forger())
+    baseline, forged = lab.ledger.trials()
+    assert baseline.val_bpb > 1.0  # restored
+    assert forged.status == "crash" and forged.reason.startswith("proposer error: tampering")

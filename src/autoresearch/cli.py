@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -107,6 +108,11 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def _cmd_trial(args: argparse.Namespace) -> int:
+    if os.environ.get("AUTORESEARCH_AGENT"):
+        # An agent run by the loop proposes; the loop runs the trial. Running one here would nest.
+        print("autoresearch: error: this agent was started by `autoresearch run`, which runs the trial "
+              "itself: edit train.py and end your turn.", file=sys.stderr)
+        return 2
     lab = _open_lab(args.workspace)
     _stop_on_signals(lab)
     try:
@@ -128,7 +134,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         settings = lab.ws.settings()
         run_settings = settings.get("run", {})
         name = args.proposer or ("scripted" if args.script else run_settings.get("proposer", "search"))
-        proposer = make_proposer(name, lab.ws.root, settings.get(name, {}),
+        proposer_settings = dict(settings.get(name, {}))
+        if args.max_cost is not None:
+            proposer_settings["max_cost"] = args.max_cost
+        proposer = make_proposer(name, lab.ws.root, proposer_settings,
                                  script=Path(args.script) if args.script else None)
         _stop_on_signals(lab)
         lab.run(proposer, max_trials=args.max_trials if args.max_trials is not None else run_settings.get("max_trials"),
@@ -236,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proposer", help="who proposes the edits: search, agent, llm or scripted "
                    "(default: [run] proposer in the workspace's autoresearch.toml, else search)")
     p.add_argument("--script", help="for --proposer scripted: a JSON list of edits")
+    p.add_argument("--max-cost", type=float, help="for --proposer llm: stop once the API spend reaches this "
+                   "many dollars (default: [llm] max_cost)")
     p.add_argument("--max-trials", type=int, help="stop after this many proposals")
     p.add_argument("--max-hours", type=float, help="stop after this many hours")
     p.set_defaults(func=_cmd_run)

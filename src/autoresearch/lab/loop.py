@@ -227,8 +227,17 @@ class Lab:
             if max_hours is not None and time.time() - started > max_hours * 3600:
                 self.log(f"stopping: {max_hours:g} hour(s) passed")
                 break
+            ledger_before, content_before = self.ledger.snapshot(), self.ledger.content()
+            config_path = self.ws.lab_dir / "config.json"
+            config_before = config_path.read_bytes()
             try:
                 description = proposer.propose(self.context())
+                # An agent with a shell could rewrite the record while it proposes: put it back.
+                if self.ledger.content() != content_before or config_path.read_bytes() != config_before:
+                    self.ledger.restore(ledger_before)
+                    config_path.write_bytes(config_before)
+                    raise RuntimeError("tampering: the proposer wrote into the ledger or .autoresearch/config.json; "
+                                       "both were restored")
             except Exception as e:  # a proposer's failure is recorded; the loop goes on
                 self.ws.reset_to(self.best().commit)
                 trial_id = self._begin("candidate", f"proposal failed: {type(e).__name__}", proposer.name,
@@ -238,7 +247,7 @@ class Lab:
                 done += 1
                 continue
             if description is None:
-                self.log("stopping: the proposer has nothing more to propose")
+                self.log("stopping: " + (getattr(proposer, "stop_reason", "") or "the proposer has nothing more to propose"))
                 break
             trial = self.candidate(description, proposer.name, getattr(proposer, "last_usage", None))
             proposer.tell(trial)

@@ -70,6 +70,7 @@ PLACEHOLDERS = ("prompt", "prompt_file", "workspace", "description_file", "last_
 DESCRIPTION_LINE = re.compile(r"^[\s*_#>`-]*description\s*[*_]*\s*:\s*[*_]*\s*(?P<text>.*?)[\s*_`]*$", re.IGNORECASE)
 PLACEHOLDER_TEXT = "<one line>"  # the prompt's own example, which agents may echo
 DESCRIPTION_CHARS = 200
+MAX_ARG_BYTES = 120_000  # Linux refuses a single argument over 128 KiB
 
 
 class AgentError(RuntimeError):
@@ -80,7 +81,7 @@ class AgentError(RuntimeError):
 class AgentProposer:
     command: list[str]  # with placeholders {prompt} {prompt_file} {workspace} {description_file} ...
     preset: str = "custom"  # claude, codex, aider or custom: for the record
-    timeout: float = 1800.0  # seconds per proposal; then the agent's process group is killed
+    timeout: float = 900.0  # seconds per proposal; then the agent's process group is killed
     env: dict[str, str] = field(default_factory=dict)  # set on top of the inherited environment
     recent_trials: int = RECENT
     failure_backoff: float = 60.0  # seconds; 0: never wait
@@ -90,7 +91,11 @@ class AgentProposer:
 
     @classmethod
     def from_settings(cls, workspace: Path, settings: dict) -> "AgentProposer":
-        """From the `[agent]` table of autoresearch.toml (see the README for the keys)."""
+        """From the `[agent]` table of autoresearch.toml. Keys (defaults): preset (claude, codex or
+        aider) or command (a command line or list, with placeholders {prompt} {prompt_file}
+        {workspace} {description_file} {last_message_file} {proposal_dir}); model (the agent's);
+        args (extra arguments for a preset); timeout (900 s); env ({}: set for the agent);
+        recent_trials (20); failure_backoff (60 s); backoff_after (3). ValueError if unusable."""
         settings = dict(settings or {})
         known = {"preset", "command", "model", "args", "timeout", "env", "recent_trials", "failure_backoff",
                  "backoff_after"}
@@ -130,7 +135,7 @@ class AgentProposer:
         path = env.get("PATH", os.environ.get("PATH"))
         if shutil.which(argv[0], path=path) is None:
             raise ValueError(f"the agent command {argv[0]!r} is not installed (not found on PATH)"
-                             + (f"; install it or set [agent] command" if preset != "custom" else ""))
+                             + ("; install it or set [agent] command" if preset != "custom" else ""))
         timeout = float(settings.get("timeout", cls.timeout))
         if timeout <= 0:
             raise ValueError("[agent] timeout must be positive (seconds per proposal)")
@@ -161,6 +166,9 @@ class AgentProposer:
         (folder / "prompt.md").write_text(prompt)
         values["prompt"] = prompt
         argv = [_fill(arg, values) for arg in self.command]
+        if any(len(arg.encode()) > MAX_ARG_BYTES for arg in argv):
+            raise AgentError(f"the prompt ({len(prompt.encode())} bytes) is too long to pass as one argument; "
+                             "give the agent {prompt_file} instead of {prompt}, or lower recent_trials")
 
         train = workspace / "train.py"
         before = train.read_text() if train.exists() else ""
@@ -181,11 +189,8 @@ class AgentProposer:
             except subprocess.TimeoutExpired:
                 timed_out = True
                 code = None
-            except BaseException:  # Ctrl-C: take the agent down with us
+            finally:  # on a timeout, on Ctrl-C, and after a normal exit: whatever it left running
                 _kill_group(proc)
-                raise
-            finally:
-                _kill_group(proc)  # also whatever it left running in the background
         seconds = round(time.monotonic() - started, 3)
         self.last_usage = {"agent": self.preset, "seconds": seconds, "exit_code": code}
         stdout = (folder / "stdout.txt").read_text(errors="replace")
@@ -197,9 +202,9 @@ class AgentProposer:
         if timed_out:
             self.last_usage["timed_out"] = True
             raise AgentError(f"the agent ran past its time limit of {self.timeout:g} s and was stopped"
-                             + _tail(stderr or stdout))
+                             + _tail(message or stdout, stderr))
         if code != 0:
-            raise AgentError(f"the agent exited with code {code}" + _tail(stderr or stdout))
+            raise AgentError(f"the agent exited with code {code}" + _tail(message or stdout, stderr))
 
         branch_after = _git(workspace, "symbolic-ref", "-q", "HEAD")
         if branch_after != branch_before:
@@ -260,6 +265,19 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs (zombies, which wait for a parent, do not count)."""
+    proc = Path("/proc")
+    if proc.is_dir():
+        for entry in proc.iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+                return True
+        return False
     try:
         os.killpg(pgid, 0)
         return True
@@ -267,12 +285,16 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
-def _tail(text: str, lines: int = 5, chars: int = 600) -> str:
-    kept = [line.rstrip() for line in text.splitlines() if line.strip()][-lines:]
-    shown = " | ".join(kept)
-    if len(shown) > chars:
-        shown = "..." + shown[-(chars - 3):]
-    return f"; its last output: {shown}" if shown else ""
+def _tail(stdout: str, stderr: str, lines: int = 4, chars: int = 400) -> str:
+    """The last lines of what the agent printed, on one line, for the crash reason."""
+    parts = []
+    for name, text in (("stdout", stdout), ("stderr", stderr)):
+        shown = " | ".join([line.strip() for line in text.splitlines() if line.strip()][-lines:])
+        if len(shown) > chars:
+            shown = "..." + shown[-(chars - 3):]
+        if shown:
+            parts.append(f"its {name} ends: {shown}")
+    return ("; " + "; ".join(parts)) if parts else "; it printed nothing"
 
 
 def _result_text(stdout: str) -> tuple[str, dict]:

@@ -40,15 +40,18 @@ LLM_DIR = ".autoresearch/llm"
 APIS = ("openai", "anthropic")
 DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 
-# Dollars per million tokens (input, output): list prices when this table was written. Estimates
-# only: set price_per_mtok_in/out for anything else, for a changed price, or 0 for a local model.
+# Dollars per million tokens (input, output), list prices as published when this table was written
+# (OpenAI's and Anthropic's pricing pages). Estimates only: set price_per_mtok_in/out for a model
+# not listed, for a price that changed, or to 0 for a local model. Names match exactly or with a
+# date or -latest suffix, after an optional provider prefix (OpenRouter's `anthropic/...`).
 PRICES: dict[str, tuple[float, float]] = {
     "gpt-5": (1.25, 10.0), "gpt-5-mini": (0.25, 2.0), "gpt-5-nano": (0.05, 0.4),
     "gpt-4.1": (2.0, 8.0), "gpt-4.1-mini": (0.4, 1.6), "gpt-4.1-nano": (0.1, 0.4),
     "gpt-4o": (2.5, 10.0), "gpt-4o-mini": (0.15, 0.6), "o3": (2.0, 8.0), "o4-mini": (1.1, 4.4),
-    "claude-opus-4-5": (5.0, 25.0), "claude-opus-4-1": (15.0, 75.0), "claude-opus-4": (15.0, 75.0),
-    "claude-sonnet-4-5": (3.0, 15.0), "claude-sonnet-4": (3.0, 15.0), "claude-3-7-sonnet": (3.0, 15.0),
-    "claude-haiku-4-5": (1.0, 5.0), "claude-3-5-haiku": (0.8, 4.0),
+    "claude-opus-4": (15.0, 75.0), "claude-opus-4-1": (15.0, 75.0), "claude-opus-4-5": (5.0, 25.0),
+    "claude-opus-4-6": (5.0, 25.0), "claude-sonnet-4": (3.0, 15.0), "claude-sonnet-4-5": (3.0, 15.0),
+    "claude-sonnet-4-6": (3.0, 15.0), "claude-haiku-4-5": (1.0, 5.0), "claude-3-7-sonnet": (3.0, 15.0),
+    "claude-3-5-haiku": (0.8, 4.0),
 }
 
 SYSTEM = f"""\
@@ -88,10 +91,11 @@ class LLMProposer:
     api_key: str = field(repr=False, default="")
     api_key_env: str = ""
     base_url: str | None = None
-    max_tokens: int = 8192
+    max_tokens: int = 16384  # per reply; reasoning models count their thinking in it
     max_tokens_param: str = "max_tokens"  # OpenAI's own API wants max_completion_tokens
     temperature: float | None = None
-    timeout: float = 600.0  # seconds per request
+    extra_body: dict = field(default_factory=dict)  # more request fields, as the endpoint takes them
+    timeout: float = 300.0  # seconds per request
     max_retries: int = 4  # the SDK's, per request: timeouts, connection errors, 408/409/429/5xx
     edit_attempts: int = 3  # replies per proposal: the first, then corrections
     max_cost: float | None = None  # dollars over the whole run; then propose() returns None
@@ -107,10 +111,15 @@ class LLMProposer:
 
     @classmethod
     def from_settings(cls, workspace: Path, settings: dict) -> "LLMProposer":
-        """From the `[llm]` table of autoresearch.toml (see the README for the keys)."""
+        """From the `[llm]` table of autoresearch.toml. Keys (defaults): api ("openai"), model
+        (required), base_url (the SDK's), api_key_env (OPENAI_API_KEY / ANTHROPIC_API_KEY),
+        max_tokens (16384), max_tokens_param ("max_completion_tokens" for OpenAI itself, else
+        "max_tokens"), temperature (the API's), extra_body ({}), timeout (300 s per request),
+        max_retries (4), edit_attempts (3), max_cost (none), price_per_mtok_in/out (the table's),
+        recent_trials (20), failure_backoff (60 s), backoff_after (3). ValueError if unusable."""
         settings = dict(settings or {})
         known = {"api", "model", "base_url", "api_key_env", "max_tokens", "max_tokens_param", "temperature",
-                 "timeout", "max_retries", "edit_attempts", "max_cost", "price_per_mtok_in", "price_per_mtok_out",
+                 "extra_body", "timeout", "max_retries", "edit_attempts", "max_cost", "price_per_mtok_in", "price_per_mtok_out",
                  "recent_trials", "failure_backoff", "backoff_after"}
         unknown = sorted(set(settings) - known)
         if unknown:
@@ -143,6 +152,7 @@ class LLMProposer:
             max_tokens=int(settings.get("max_tokens", cls.max_tokens)),
             max_tokens_param=str(settings.get("max_tokens_param", default_param)),
             temperature=None if settings.get("temperature") is None else float(settings["temperature"]),
+            extra_body=dict(settings.get("extra_body") or {}),
             timeout=float(settings.get("timeout", cls.timeout)),
             max_retries=int(settings.get("max_retries", cls.max_retries)),
             edit_attempts=max(1, int(settings.get("edit_attempts", cls.edit_attempts))),
@@ -153,7 +163,10 @@ class LLMProposer:
             failure_backoff=float(settings.get("failure_backoff", cls.failure_backoff)),
             backoff_after=int(settings.get("backoff_after", cls.backoff_after)),
         )
-        proposer.client()  # fail now, not at the first proposal, if the SDK is missing
+        try:
+            proposer.client()  # fail now, not at the first proposal, if the SDK is missing
+        except LLMError as e:
+            raise ValueError(str(e)) from None
         return proposer
 
     # --- the API ----------------------------------------------------------------------------------
@@ -172,13 +185,14 @@ class LLMProposer:
     def _request(self, messages: list[dict]) -> tuple[str, bool, dict]:
         """One reply: (its text, whether it was cut off at max_tokens, token counts)."""
         sdk = __import__(self.api)
+        body = dict(self.extra_body)
+        if self.temperature is not None:  # sent as a body field: some SDK versions no longer name it
+            body["temperature"] = self.temperature
         try:
             if self.api == "openai":
-                extra = {self.max_tokens_param: self.max_tokens}
-                if self.temperature is not None:
-                    extra["temperature"] = self.temperature
                 response = self.client().chat.completions.create(
-                    model=self.model, messages=[{"role": "system", "content": SYSTEM}, *messages], **extra)
+                    model=self.model, messages=[{"role": "system", "content": SYSTEM}, *messages],
+                    extra_body={self.max_tokens_param: self.max_tokens, **body})
                 choice = response.choices[0] if response.choices else None
                 text = (choice.message.content if choice and choice.message else None) or ""
                 cut = bool(choice and choice.finish_reason == "length")
@@ -186,9 +200,8 @@ class LLMProposer:
                 tokens = {"input_tokens": getattr(usage, "prompt_tokens", 0) or 0,
                           "output_tokens": getattr(usage, "completion_tokens", 0) or 0}
             else:
-                extra = {} if self.temperature is None else {"temperature": self.temperature}
                 response = self.client().messages.create(model=self.model, system=SYSTEM, messages=messages,
-                                                         max_tokens=self.max_tokens, **extra)
+                                                         max_tokens=self.max_tokens, extra_body=body or None)
                 text = "".join(getattr(b, "text", "") for b in response.content if getattr(b, "type", "") == "text")
                 cut = response.stop_reason == "max_tokens"
                 usage = response.usage
@@ -265,7 +278,7 @@ class LLMProposer:
                     totals[key] += tokens[key]
                     usage[key] = totals[key]
                 usage["cost_usd"] = None if self.cost(totals) is None else round(self.cost(totals), 6)
-                messages.append({"role": "assistant", "content": text})
+                messages.append({"role": "assistant", "content": text if text.strip() else "(an empty reply)"})
                 try:
                     if not text.strip():
                         raise EditError("your reply was empty")

@@ -37,8 +37,8 @@ AGENT_TASK = """\
 Steps:
 1. Read `train.py` (in the current folder, {workspace}).
 2. Edit `train.py` in place to make your one change.
-3. Write a one-line description of the change (for example `halve the batch size to 2**18`)
-   to the file `{description_file}`, and also print it as the last line of your answer,
+3. Write a one-line description of the change (for example `halve the batch size to 2**18`) to
+   the file `{description_file}`, and print it as the last line of your answer too,
    in the form `DESCRIPTION: <one line>`.
 Then stop."""
 
@@ -126,8 +126,8 @@ def history_section(ctx: ProposalContext, recent: int = RECENT, older: int = OLD
             gain = _gain(t)
             note = f" (gain {gain:+.6f})" if gain is not None else ""
             out.append(f"- #{t.id} {t.status}{note}: {_one_line(t.description, 100)}")
-    out += ["", f"Last {len(shown)} experiments, oldest first. gain = best val_bpb at the time minus this one's: "
-            "positive is better.", "",
+    out += ["", (f"Last {len(shown)} experiments, oldest first. gain = best val_bpb at the time minus this one's: "
+                 "positive is better."), "",
             "| # | status | val_bpb | gain | description | outcome |", "|---|---|---|---|---|---|"]
     for t in shown:
         value, gain = _mean_value(t), _gain(t)

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .space import Param, build_space, fit_batch, normalise, parse_constants, rewrite
+from .space import build_space, fit_batch, normalise, parse_constants, rewrite
 
 if TYPE_CHECKING:
     from autoresearch.lab.ledger import Trial
@@ -73,7 +73,7 @@ class SearchSettings:
     seq_len: int | None = None  # for the batch-size rule; default: the workspace profile's
 
     @classmethod
-    def from_dict(cls, raw: dict | None) -> "SearchSettings":
+    def from_dict(cls, raw: dict | None) -> SearchSettings:
         raw = dict(raw or {})
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(raw) - known)
@@ -105,10 +105,6 @@ def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _fmt_change(name: str, old: str, new: str) -> str:
-    return f"{name} {old} -> {new}"
-
-
 class SearchProposer:
     name = "search"
 
@@ -120,7 +116,10 @@ class SearchProposer:
         current = {name: c.value for name, c in constants.items()}
         build_space(current, self._space_settings())  # a bad [search] table fails here, before any file is made
 
-        import optuna  # here, not at the top: `autoresearch --help` should not pay for it
+        try:
+            import optuna  # here, not at the top: `autoresearch --help` should not pay for it
+        except ModuleNotFoundError:
+            raise RuntimeError("the search proposer needs Optuna: pip install 'optuna>=4.0'") from None
 
         self._optuna = optuna
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -139,7 +138,8 @@ class SearchProposer:
             self.study.set_user_attr("centre", centre)
             self.study.set_user_attr("settings", {k: _jsonable(v) for k, v in vars(self.settings).items()})
         self.centre = {name: tuple(v) if isinstance(v, list) else v for name, v in centre.items()}
-        self.space = build_space({n: v for n, v in self.centre.items() if n in current}, self._space_settings())
+        self.space = build_space({n: self.centre.get(n, v) for n, v in current.items()}, self._space_settings())
+        self._study_id = self.storage.get_study_id_from_name(STUDY_NAME)
         n_before = len(self.study.get_trials(deepcopy=False))
         sampler_seed = self.settings.seed * 1_000_003 + n_before  # a restart does not replay the same draws
         if self.settings.sampler == "random":
@@ -154,7 +154,7 @@ class SearchProposer:
         self.last_usage: dict = {}
 
     @classmethod
-    def from_settings(cls, workspace: Path, settings: dict | None = None) -> "SearchProposer":
+    def from_settings(cls, workspace: Path, settings: dict | None = None) -> SearchProposer:
         """The proposer for `workspace`, configured by its `[search]` table (a dict; may be empty)."""
         return cls(workspace, settings)
 
@@ -213,7 +213,7 @@ class SearchProposer:
         self.study.tell(number, state=self._optuna.trial.TrialState.FAIL, skip_if_finished=True)
 
     def _id(self, number: int) -> int:
-        return self.study.get_trials(deepcopy=False)[number]._trial_id
+        return self.storage.get_trial_id_from_study_id_trial_number(self._study_id, number)
 
     def _attrs(self, number: int) -> dict:
         return self.study.get_trials(deepcopy=False)[number].user_attrs
@@ -311,8 +311,11 @@ class SearchProposer:
                     break
             description = self._write(trial.number, text, constants, edits, after, 1)
             if description is not None:
-                self.storage.set_trial_user_attr(trial._trial_id, "sampled",
+                self.storage.set_trial_user_attr(self._id(trial.number), "sampled",
                                                  {n: _jsonable(v) for n, v in sampled.items()})
+                adjusted = sorted(n for n in edits if n not in sampled or sampled[n] != edits[n])
+                if adjusted:  # by the batch rule: these values are not the sampled ones
+                    self.storage.set_trial_user_attr(self._id(trial.number), "adjusted", adjusted)
                 return description
             self._fail(trial.number, "no value differed from train.py's")
             self._pending = None

@@ -127,7 +127,7 @@ def _round(value: float) -> float:
 
 def format_value(value: Any, like: str = "") -> str:
     """A Python literal for `value`; strings keep the quote style of `like` (the old literal)."""
-    if isinstance(value, bool) or isinstance(value, int):
+    if isinstance(value, (bool, int)):
         return str(value)
     if isinstance(value, float):
         return repr(_round(value))
@@ -179,7 +179,7 @@ class Param:
     log: bool = False
     step: float | None = None
     choices: tuple = ()
-    elements: tuple["Param", ...] = field(default=())
+    elements: tuple[Param, ...] = field(default=())
 
     def suggest(self, trial) -> Any:
         if self.kind == "float":
@@ -241,7 +241,7 @@ def default_param(name: str, value: Any) -> Param | None:
     if name.endswith("BATCH_SIZE") and _is_pow2(value):
         e = value.bit_length() - 1
         return Param(name, "pow2", max(0, e - 2), e + 2)
-    if (name.endswith("_RATIO") or name.endswith("_FRAC")) and isinstance(value, float) and 0 <= value <= 1:
+    if name.endswith(("_RATIO", "_FRAC")) and isinstance(value, float) and 0 <= value <= 1:
         return Param(name, "float", 0.0, 1.0)
     if (name == "WEIGHT_DECAY" or name.endswith("_WEIGHT_DECAY")) and _is_number(value) and value >= 0:
         return Param(name, "float", 0.0, max(2.0 * value, 0.1))
