@@ -73,7 +73,7 @@ def test_training_before_the_clock_starts_is_caught(tmp_path, cpu_prepared):
                      "    _t = time.time()\n    while time.time() - _t < 4:\n"
                      "        model(inputs).sum().backward()\n    run.training_started()\n"))
     _, outcome = trial(tmp_path, cpu_prepared, early, warmup_cap_seconds=2.0)
-    assert outcome.reason.startswith("warm-up took")
+    assert outcome.reason.startswith("over budget: warm-up took")
 
 
 def alive(pid: int) -> bool:
@@ -90,7 +90,7 @@ def test_a_child_process_left_running_is_killed_and_reported(tmp_path, cpu_prepa
                        "    child = subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
                        "    open(os.path.join(os.environ['AUTORESEARCH_OUTPUT'], 'child.pid'), 'w').write(str(child.pid))\n"))
     ws, outcome = trial(tmp_path, cpu_prepared, spawner)
-    assert outcome.reason == "left 1 process(es) running after it exited; they were killed"
+    assert outcome.reason == "stray processes: left 1 process(es) running after it exited; they were killed"
     pid = int((ws.trial_dir(1) / "child.pid").read_text())
     time.sleep(0.2)
     assert not alive(pid)

@@ -150,31 +150,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    lab = _open_lab(args.workspace)
-    try:
-        trials = lab.ledger.trials()
-        best, sigma = lab.best(), lab.sigma()
-        ws = lab.ws
-        print(f"workspace {ws.root} (branch {ws.config['branch']}, profile {ws.config['profile']}, "
-              f"budget {ws.time_budget:g}s)")
-        if best is None:
-            print("no baseline yet: `autoresearch run` (or `autoresearch baseline`) starts it")
-        else:
-            base = [t.val_bpb for t in trials if t.kind == "baseline" and t.status == "keep"]
-            print(f"best      {best.commit[:7]}  val_bpb {best.mean:.6f} over {len(best.values)} run(s)")
-            if base:
-                print(f"baseline  val_bpb {sum(base) / len(base):.6f} over {len(base)} run(s); "
-                      + (f"noise floor sigma {sigma:.6f}" if sigma is not None else "no noise estimate yet"))
-        counts = {s: sum(t.status == s for t in trials) for s in ("keep", "discard", "crash", "running")}
-        print("trials    " + ", ".join(f"{n} {s}" for s, n in counts.items()))
-        for t in trials[-args.last:]:
-            value = f"{t.val_bpb:.6f}" if t.val_bpb is not None else "   -    "
-            print(f"  #{t.id:<4} {t.short_sha} {t.status:<8} {value}  {t.description[:70]}")
-            if t.status == "crash" and t.reason:
-                print(f"        {t.reason[:150]}")
-    finally:
-        lab.close()
-    return 0
+    from .report import status
+
+    return status(args.workspace, last=args.last, watch=args.watch, interval=args.interval)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    return report(args.workspace, args.out, test_eval=args.test_eval)
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from .report import dashboard
+
+    return dashboard(args.workspace, port=args.port, host=args.host, open_browser=args.open)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,10 +241,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-hours", type=float, help="stop after this many hours")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("status", help="the best result, the noise floor and the latest trials")
+    p = sub.add_parser("status", help="the trial in flight, the best result, the noise floor and the latest trials")
     p.add_argument("workspace", nargs="?", help="workspace folder (default: the one around here)")
     p.add_argument("--last", type=int, default=15, help="trials to list (default: 15)")
+    p.add_argument("--watch", action="store_true", help="redraw every few seconds until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between redraws (default: 2)")
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("report", help="progress.png, report.html and a summary; scores the sealed test split once",
+                       description="Write progress.png, a self-contained report.html and report.md (into "
+                       "WORKSPACE/.autoresearch/report/ or --out) and print the summary.")
+    p.add_argument("workspace", nargs="?", help="workspace folder (default: the one around here)")
+    p.add_argument("--out", help="folder for the files (default: WORKSPACE/.autoresearch/report)")
+    p.add_argument("--test-eval", choices=("auto", "always", "never"), default="auto",
+                   help="score the baseline's and best's checkpoints on the sealed test split: auto (not while a "
+                   "trial runs), always, never (cached results only)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("dashboard", help="a live page on 127.0.0.1 that follows the run")
+    p.add_argument("workspace", nargs="?", help="workspace folder (default: the one around here)")
+    p.add_argument("--port", type=int, default=8765, help="port (default: 8765)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to serve on (default: 127.0.0.1; for a remote box use ssh -L)")
+    p.add_argument("--open", action="store_true", help="open it in a browser")
+    p.set_defaults(func=_cmd_dashboard)
     return parser
 
 
@@ -263,11 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     from .lab.ledger import LedgerVersionError
     from .lab.loop import LabError
     from .lab.workspace import WorkspaceError
+    from .report import ReportError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (HarnessError, WorkspaceError, LabError, LedgerVersionError, ValueError) as e:
+    except (HarnessError, WorkspaceError, LabError, LedgerVersionError, ReportError, ValueError) as e:
         print(f"autoresearch: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

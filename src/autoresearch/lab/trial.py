@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .workspace import LAB_DIR, Workspace, WorkspaceError
+from .workspace import LAB_DIR, READER_PATHS, Workspace, WorkspaceError
 
 SECRET_NAME = re.compile(r"(_API_KEY|_TOKEN|_SECRET|_PASSWORD)$|^(AWS_|ANTHROPIC_|OPENAI_)", re.IGNORECASE)
 SUMMARY_KEYS = ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
@@ -105,9 +105,11 @@ def kill_trial_processes(token: str, pgid: int | None = None) -> int:
 def _lab_snapshot(ws: Workspace, own: Path) -> dict:
     """Size and mtime of the lab's files, but the trial's own folder and the ledger (whose content
     is compared separately: SQLite readers may touch its files legitimately)."""
+    readers = [ws.lab_dir / name for name in READER_PATHS]
     snap = {}
     for path in ws.lab_dir.rglob("*"):
-        if path.is_file() and own not in path.parents and not path.name.startswith("ledger.db"):
+        if (path.is_file() and own not in path.parents and not path.name.startswith("ledger.db")
+                and not any(r in path.parents for r in readers)):
             st = path.stat()
             snap[str(path.relative_to(ws.root))] = (st.st_size, st.st_mtime_ns)
     return snap
@@ -204,17 +206,17 @@ def check_training_time(ws: Workspace, clock: EventClock, ended: float) -> tuple
     """(training seconds on the lab's clock, a reason to reject or '')."""
     first = clock.times.get("first_batch")
     if first is None:
-        return None, "train.py never drew a batch from the harness loader (run.train_loader)"
+        return None, "no data: train.py never drew a batch from the harness loader (run.train_loader)"
     start = clock.times.get("training_started", first)
     end = clock.times.get("checkpoint", ended)
     warmup = start - first
     if warmup > ws.config["warmup_cap_seconds"]:
-        return None, (f"warm-up took {warmup:.1f}s between the first batch and run.training_started(), over "
+        return None, (f"over budget: warm-up took {warmup:.1f}s between the first batch and run.training_started(), over "
                       f"the {ws.config['warmup_cap_seconds']:g}s cap: training before the clock starts is not allowed")
     training = end - start
     allowed = ws.time_budget * (1 + ws.config["training_tolerance"]) + 0.5
     if training > allowed:
-        return training, (f"trained {training:.1f}s by the lab's clock, over the {ws.time_budget:g}s budget "
+        return training, (f"over budget: trained {training:.1f}s by the lab's clock, over the {ws.time_budget:g}s budget "
                           f"(+{ws.config['training_tolerance']:.0%} tolerance); the budget is wall-clock time "
                           "from run.training_started() to run.save_checkpoint()")
     return training, ""
@@ -276,7 +278,7 @@ def run_trial(ws: Workspace, trial_id: int, seed: int | None, ledger_content, st
     if code != 0:
         return crash(_crash_reason(code, tail))
     if strays:
-        return crash(f"left {strays} process(es) running after it exited; they were killed")
+        return crash(f"stray processes: left {strays} process(es) running after it exited; they were killed")
     outcome.training_seconds, late = check_training_time(ws, clock, ended)
     if late:
         return crash(late)

@@ -29,6 +29,9 @@ from .decide import DecisionRule
 LAB_DIR = ".autoresearch"
 CONFIG_FILE = "config.json"
 SETTINGS_FILE = "autoresearch.toml"
+# Folders under .autoresearch/ that readers (the report) write while a trial may be running; the
+# lab never reads them, so they are left out of the trial's tampering check.
+READER_PATHS = ("report",)
 GITIGNORE = "results.tsv\n.autoresearch/\n__pycache__/\nrun_output/\n"
 
 

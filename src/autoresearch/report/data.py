@@ -61,7 +61,19 @@ class WorkspaceInfo:
         return self.lab_dir / "trials" / f"{trial_id:05d}"
 
     def log_path(self, trial: Trial) -> Path:
-        return Path(trial.log_path) if trial.log_path else self.trial_dir(trial.id) / "train.log"
+        """The trial's train.log: in its folder here (the workspace may have moved since the ledger
+        recorded an absolute path), else where the ledger says."""
+        here = self.trial_dir(trial.id) / "train.log"
+        if here.exists() or not trial.log_path:
+            return here
+        return Path(trial.log_path)
+
+    @property
+    def longest_trial_seconds(self) -> float:
+        """Longer than any trial the lab lets run: its kill limit, plus ten minutes for evaluation."""
+        budget = self.time_budget or 300.0
+        grace = self.config.get("grace_seconds")
+        return budget + (max(budget, 60.0) if grace is None else float(grace)) + 600.0
 
     @property
     def time_budget(self) -> float | None:
@@ -286,24 +298,12 @@ def downsample(points: list, limit: int = 1500) -> list:
 
 
 # --- crash reasons -------------------------------------------------------------------------------------
-_REASON_PATTERNS = (
-    (re.compile(r"^trained [\d.]+s by the lab's clock, over"), "over the time budget"),
-    (re.compile(r"^warm-up took"), "warm-up over the cap"),
-    (re.compile(r"^train\.py never drew a batch"), "never drew a batch"),
-    (re.compile(r"^left \d+ process"), "stray processes"),
-)
-
-
 def crash_group(reason: str) -> str:
     """The kind of a crash: the words before the reason's first colon (`timeout`, `causality
-    violation`, `exit`, `OOM`, `tampering`, `rejected edit`, ...), or a name for the lab's few
-    reasons without one."""
+    violation`, `exit`, `OOM`, `tampering`, `rejected edit`, `over budget`, ...)."""
     reason = " ".join((reason or "").split())
     if not reason:
         return "no reason recorded"
-    for pattern, name in _REASON_PATTERNS:
-        if pattern.search(reason):
-            return name
     head, colon, _ = reason.partition(":")
     if colon and 0 < len(head.split()) <= 4:
         return head.strip()
@@ -348,6 +348,10 @@ class Analysis:
         t = self.trials
         self.finished = [x for x in t if x.status != "running"]
         self.running = [x for x in t if x.status == "running"]
+        # A row left `running` by a lab that died (kill -9, reboot) until `autoresearch run` resumes.
+        limit = self.ws.longest_trial_seconds
+        self.stale_running = [x for x in self.running if x.started_at and self.read_at - x.started_at > limit]
+        self.live_running = [x for x in self.running if x not in self.stale_running]
         self.baseline_runs = [x for x in t if x.kind == "baseline" and x.status == "keep" and x.val_bpb is not None]
         self.baseline_values = [x.val_bpb for x in self.baseline_runs]
         self.baseline_commit = self.ws.config.get("base_commit") or (
@@ -503,7 +507,7 @@ def load(workspace: str | Path | None = None, retry_seconds: float = RETRY_SECON
 
 
 def duration(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds:
+    if seconds is None or math.isnan(seconds):
         return "-"
     seconds = int(round(seconds))
     if seconds < 60:

@@ -34,7 +34,7 @@ def _limits(a: Analysis, values: list[float]) -> tuple[float, float]:
     lo, hi = min(interesting + [min(values)]), max(interesting)
     span = max(hi - lo, 1e-4, abs(hi) * 1e-4)
     # Room above for candidates a little worse than the baseline; beyond that, clip.
-    top = max(hi + 0.6 * span, min(max(values), hi + 1.5 * span))
+    top = max(hi + 0.15 * span, min(max(values), hi + 0.6 * span))
     bottom = lo - 0.18 * span  # room for the crash row
     return bottom, top + 0.08 * span
 
@@ -97,15 +97,23 @@ def render_progress(a: Analysis, path: Path, *, title: str | None = None, dpi: i
         else:
             ax.scatter([x.id], [y], s=26, color=COLORS["discard"], marker=marker, zorder=3, alpha=0.9)
 
-    # labels of the kept changes, alternating above and below to limit overlaps
+    # labels of the kept changes: beside their point, moved along until they overlap no other label
     kept = [x for x in a.kept_candidates if x.val_bpb is not None]
-    for n, x in enumerate(kept):
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for x in kept:
         label = textwrap.shorten(x.description, 48, placeholder="...")
-        dy = 14 if n % 2 == 0 else -20
-        ax.annotate(label, (x.id, clip(x.val_bpb)), xytext=(6, dy), textcoords="offset points", fontsize=8,
-                    rotation=12, color="#1b5e20", zorder=6,
-                    arrowprops=dict(arrowstyle="-", color="#1b5e20", lw=0.5, alpha=0.6),
-                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.75))
+        offsets = ((8, 10), (8, -18), (8, 24), (8, -32), (8, 38), (8, -46), (8, 52))
+        for n, (dx, dy) in enumerate(offsets):
+            note = ax.annotate(label, (x.id, clip(x.val_bpb)), xytext=(dx, dy), textcoords="offset points",
+                               fontsize=8, color="#1b5e20", zorder=6,
+                               arrowprops={"arrowstyle": "-", "color": "#1b5e20", "lw": 0.5, "alpha": 0.6},
+                               bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
+            box = note.get_window_extent(renderer).expanded(1.02, 1.1)
+            if n == len(offsets) - 1 or not any(box.overlaps(other) for other in placed):
+                break
+            note.remove()
+        placed.append(box)
 
     # crashes on a row of their own
     crashes = [x.id for x in a.crashes]
@@ -119,6 +127,9 @@ def render_progress(a: Analysis, path: Path, *, title: str | None = None, dpi: i
     for x in a.running:
         ax.axvline(x.id, color="#ff9800", lw=1, ls=":", zorder=1)
 
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel("val_bpb (lower is better)")
     ax.grid(True, alpha=0.25)

@@ -1,0 +1,33 @@
+"""Reading a run: the report (progress.png, report.html, a markdown summary, the sealed test), the
+terminal status view and the live dashboard.
+
+Read-only over the ledger (SQLite opened with `mode=ro`): nothing here can block or change a
+running loop. The CLI calls:
+
+    report(workspace=None, out=None, *, test_eval="auto") -> int     # autoresearch report
+    status(workspace=None, *, last=15, watch=False, interval=2.0) -> int   # autoresearch status
+    dashboard(workspace=None, *, port=8765, host="127.0.0.1", open_browser=False) -> int
+
+Each raises ReportError (with a message meant for the user) when the workspace or ledger cannot be
+read; LedgerTooNew, for a ledger from a newer autoresearch, is also a LedgerVersionError.
+Names are imported on first use, so `autoresearch status` does not pay for matplotlib.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "ReportError": "data", "LedgerTooNew": "data", "LedgerBusy": "data", "load": "data",
+    "find_workspace": "data",
+    "report": "build", "make_report": "build", "ReportResult": "build",
+    "render_progress": "plots",
+    "status": "status", "render_status": "status",
+    "dashboard": "dashboard", "make_server": "dashboard", "PortInUse": "dashboard",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
