@@ -160,3 +160,13 @@ def test_a_forged_ledger_row_is_caught_and_the_record_restored(tmp_path, cpu_pre
     (trial,) = lab.ledger.trials()
     assert (trial.status, trial.val_bpb) == ("crash", None)
     assert trial.reason == "tampering: the ledger in .autoresearch/ was written during the trial"
+
+
+def test_nothing_a_trainer_leaves_in_the_workspace_reaches_the_next_trial(tmp_path, cpu_prepared):
+    # Weights stashed in an ignored folder, to be picked up by the next trial, are removed.
+    stasher = variant(("    run.save_checkpoint(model, config)\n",
+                       "    run.save_checkpoint(model, config)\n    import os\n    os.makedirs('__pycache__', exist_ok=True)\n"
+                       "    torch.save(model.state_dict(), '__pycache__/weights.pt')\n"))
+    ws, outcome = trial(tmp_path, cpu_prepared, stasher)
+    assert outcome.reason == ""
+    assert not (ws.root / "__pycache__").exists()

@@ -228,9 +228,14 @@ def evaluate(ws: Workspace, out_dir: Path, token: str, split: str = "val") -> di
     env = trainer_env(ws, out_dir, None, token)
     cmd = [sys.executable, "-m", "autoresearch.harness.evaluate", str(ws.root / "train.py"),
            str(out_dir / "checkpoint.pt"), str(result_path), "--split", split]
-    proc = subprocess.run(cmd, cwd=ws.root, env=env, capture_output=True, text=True,
-                          timeout=max(600.0, ws.time_limit), start_new_session=True)
-    kill_trial_processes(token)
+    limit = max(600.0, ws.time_limit)
+    try:
+        proc = subprocess.run(cmd, cwd=ws.root, env=env, capture_output=True, text=True, timeout=limit,
+                              start_new_session=True)
+    except subprocess.TimeoutExpired:
+        return {"error": f"the evaluation did not finish in {limit:.0f}s (does build_model or the forward pass hang?)"}
+    finally:
+        kill_trial_processes(token)
     try:
         result = json.loads(result_path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -273,6 +278,9 @@ def run_trial(ws: Workspace, trial_id: int, seed: int | None, ledger_content, st
     if ws.head() != head or ws.changed_files():
         return crash("tampering: the trial changed the git repository or its files "
                      f"({', '.join(ws.changed_files()[:5]) or 'HEAD moved'})")
+    # Ignored files too: nothing a trainer leaves in the workspace (weights to resume from, say)
+    # may reach the next trial.
+    ws.clean()
     if killed:
         return crash(killed)
     if code != 0:

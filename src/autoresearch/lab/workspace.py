@@ -230,4 +230,8 @@ class Workspace:
     def reset_to(self, sha: str) -> None:
         """Back to `sha`, with every tracked and untracked file (but the lab's) as it was there."""
         git(self.root, "reset", "-q", "--hard", sha)
+        self.clean()
+
+    def clean(self) -> None:
+        """Remove every untracked file, ignored ones included, but the lab's."""
         git(self.root, "clean", "-q", "-fdx", "-e", LAB_DIR, "-e", "results.tsv")
