@@ -182,7 +182,8 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(V, d)
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(L)])
         self.lm_head = nn.Linear(d, V, bias=False)  # not tied to wte
-        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in range(L) if has_value_embedding(i, L)})
+        self.value_embeds = nn.ModuleDict(
+            {str(i): nn.Embedding(V, kv_dim) for i in range(L) if has_value_embedding(i, L)})
         self.resid_lambdas = nn.Parameter(torch.ones(L))  # scales the residual stream before each block
         self.x0_lambdas = nn.Parameter(torch.full((L,), 0.1))  # mixes the normed embedding back in
         self.windows = layer_windows(cfg)
@@ -191,10 +192,9 @@ class GPT(nn.Module):
         angles = torch.outer(torch.arange(cfg["seq_len"], dtype=torch.float32), inv_freq)[None, :, None, :]
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
-        # Set by the training script, not saved: kernels and precision of this process.
+        # Set by the training script for this process's kernels; not part of the checkpoint.
         self.attn_path = "sdpa"  # "sdpa", "flex" (sliding windows under torch.compile) or "plain"
         self.block_masks = {}  # window -> FlexAttention BlockMask
-        self.compute_dtype = None  # dtype of the residual stream (bf16 on CUDA); None = as computed
         self.init_weights()
 
     @torch.no_grad()
@@ -227,19 +227,25 @@ class GPT(nn.Module):
         self.attn_path = "flex"
 
     def forward(self, idx):
+        """Logits (B, T, vocab), soft-capped, in fp32."""
+        logits = self.lm_head(self.hidden(idx)).float()
+        return SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+    def hidden(self, idx):
+        """The normed final hidden state (B, T, width) that the head turns into logits."""
         B, T = idx.shape
         cos, sin = self.cos[:, :T], self.sin[:, :T]
         x = self.wte(idx)
-        if self.compute_dtype is not None:
-            x = x.to(self.compute_dtype)
+        if torch.is_autocast_enabled(idx.device.type):  # under autocast the residual stream is bf16 too
+            x = x.to(torch.get_autocast_dtype(idx.device.type))
         x = x0 = norm(x)
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             w = self.windows[i]
-            x = block(x, ve, cos, sin, w, self.attn_path, self.block_masks.get(w) if T == self.config["seq_len"] else None)
-        logits = self.lm_head(norm(x)).float()
-        return SOFTCAP * torch.tanh(logits / SOFTCAP)
+            block_mask = self.block_masks.get(w) if T == self.config["seq_len"] else None
+            x = block(x, ve, cos, sin, w, self.attn_path, block_mask)
+        return norm(x)
 
 
 def model_config(vocab_size, seq_len):
@@ -368,9 +374,9 @@ class MuonAdamW(torch.optim.Optimizer):
                     shape = (len(params), rows, 1) if rows >= cols else (len(params), 1, cols)
                     state["second_moment"] = torch.zeros(shape, device=params[0].device)
                 lr = group["lr"] * max(1.0, rows / cols) ** 0.5
-                update = self._muon if min(rows, cols) > 1 else muon_update  # Inductor miscompiles (1, n) stacks
+                update = self._muon if min(rows, cols) > 1 else muon_update  # Inductor (CPU) miscompiled (1, n)
                 update(params, [p.grad for p in params], state["momentum_buffer"], state["second_moment"],
-                           num(group["momentum"]), num(lr), num(group["weight_decay"]), num(group["beta2"]))
+                       num(group["momentum"]), num(lr), num(group["weight_decay"]), num(group["beta2"]))
 
 
 def setup_optimizer(model, compiled=False):
@@ -388,7 +394,8 @@ def setup_optimizer(model, compiled=False):
     ]
     for shape in sorted({tuple(p.shape) for p in block_matrices}):
         same = [p for p in block_matrices if tuple(p.shape) == shape]
-        groups.append(dict(kind="muon", params=same, lr=MATRIX_LR, momentum=0.95, beta2=0.95, weight_decay=WEIGHT_DECAY))
+        groups.append(dict(kind="muon", params=same, lr=MATRIX_LR, momentum=0.95, beta2=0.95,
+                           weight_decay=WEIGHT_DECAY))
     n_opt = sum(p.numel() for g in groups for p in g["params"])
     assert n_opt == sum(p.numel() for p in model.parameters()), "every parameter belongs to one group"
     return MuonAdamW(groups, compiled=compiled)
@@ -439,11 +446,11 @@ def setup_device(model, device):
     if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
         autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     if device.type == "cuda":
-        model.compute_dtype = torch.bfloat16  # a bf16 residual stream
         if torch.cuda.get_device_capability(device) >= (9, 0):  # Hopper: cuDNN attention is the fastest exact one
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
-            order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+            order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                     SDPBackend.MATH]
             attn_kernels, paths = sdpa_kernel(order, set_priority=True), "sdpa(cudnn)"
         if any(w < model.config["seq_len"] for w in model.windows):
             model.use_flex_attention(device)  # sliding windows: block-sparse FlexAttention
@@ -465,7 +472,8 @@ def main():
     device, T = run.device, run.seq_len
     cuda = device.type == "cuda"
     compiled = cuda  # torch.compile pays off on CUDA only; CPU and MPS run eagerly
-    torch.manual_seed(SEED)
+    seed = run.seed(SEED)  # the lab may repeat a run under another seed
+    torch.manual_seed(seed)
     if cuda:
         torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in fp32
     tokens_per_pass = DEVICE_BATCH_SIZE * T
@@ -482,7 +490,7 @@ def main():
     optimizer = setup_optimizer(model, compiled=compiled)
     autocast, attn_kernels, paths = setup_device(model, device)
     train_loss = make_loss_fn(model, compiled)
-    loader = run.train_loader(DEVICE_BATCH_SIZE, SEED)
+    loader = run.train_loader(DEVICE_BATCH_SIZE, seed)
     peak = peak_flops(torch.cuda.get_device_name(device)) if cuda else 0.0  # no MFU on CPU or MPS: 0
     print(f"device={device} profile={run.profile.name} params={num_params:,} width={config['n_embd']} "
           f"heads={config['n_head']} kv_heads={config['n_kv_head']} windows={model.windows} attention={paths} "
@@ -523,15 +531,18 @@ def main():
                 gc.freeze()
                 gc.disable()
             step += 1
+            if step == uncounted:
+                run.training_started()  # tells the lab's clock that the budget counts from here
             smooth_loss = 0.9 * smooth_loss + 0.1 * loss_f
             now = time.time()
             done = step > uncounted and training_time >= run.time_budget
             if step <= uncounted or done or now - last_log >= LOG_EVERY_S:
                 last_log = now
                 tok_s = TOTAL_BATCH_SIZE / dt
+                mfu = 100 * flops * tok_s / peak if peak else 0.0
                 print(f"train step={step} progress_pct={100 * progress:.1f} loss={smooth_loss / (1 - 0.9**step):.4f} "
-                      f"lrm={lrm:.3f} dt_ms={1000 * dt:.0f} tok_per_s={tok_s:.0f} mfu_pct={100 * flops * tok_s / peak if peak else 0:.1f} "
-                      f"epoch={epoch} remaining_s={max(0.0, run.time_budget - training_time):.0f}", flush=True)
+                      f"lrm={lrm:.3f} dt_ms={1000 * dt:.0f} tok_per_s={tok_s:.0f} mfu_pct={mfu:.1f} epoch={epoch} "
+                      f"remaining_s={max(0.0, run.time_budget - training_time):.0f}", flush=True)
             if done:
                 break
     warmup_seconds = now - t_train - training_time
@@ -563,8 +574,8 @@ def main():
     )
     extra = dict(tokens_per_second=tok_s, mfu_exact_percent=100 * flops_exact * tok_s / peak if peak else 0.0,
                  flops_per_token=flops, flops_per_token_exact=flops_exact, warmup_seconds=warmup_seconds,
-                 eval_seconds=eval_seconds, final_train_loss=smooth_loss / (1 - 0.9**step), epochs=epoch,
-                 attention=paths, config=config)
+                 eval_seconds=eval_seconds, final_train_loss=smooth_loss / (1 - 0.9**step), epoch=epoch,
+                 attention=paths, seed=seed, config=config)
     run.write_result({**summary, **extra})
     formats = dict(val_bpb="{:.6f}", training_seconds="{:.1f}", total_seconds="{:.1f}", peak_vram_mb="{:.1f}",
                    mfu_percent="{:.2f}", total_tokens_M="{:.1f}", num_steps="{}", num_params_M="{:.1f}", depth="{}")

@@ -1,0 +1,216 @@
+"""GPU benchmark of the train.py template: training throughput, MFU, peak memory, compile time.
+
+Runs the template's own model, optimizer and step (compiled, bf16, the attention kernels it picks) at
+the reference configuration (depth 8, vocab 8192, sequence 2048, 2^19 tokens per step, device batch
+128) on random tokens, or on prepared data with --data. Each variant runs in a process of its own
+with an empty Inductor cache: the cache ignores the SDPA backend flags, and compile time is measured
+cold.
+
+    PYTHONPATH=src python bench/bench_train_gpu.py                    # every variant
+    PYTHONPATH=src python bench/bench_train_gpu.py --variants ref,L --steps 30 --json out.json
+
+Variants: ref (the template as shipped: SSSL, cuDNN SDPA for full layers, FlexAttention for the
+sliding windows), L (every layer full-causal on cuDNN), the same two with PyTorch's default SDPA
+backend order (-default-sdpa), ref-b64 (device batch 64, 4 accumulation steps) and ref-cdt
+(Inductor's coordinate-descent tuning). --profile prints a CUDA kernel table of one step.
+"""
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "src" / "autoresearch" / "templates" / "train.py"
+VARIANTS = {
+    "ref": dict(overrides={}, cudnn=True),
+    "L": dict(overrides={"WINDOW_PATTERN": "L"}, cudnn=True),
+    "ref-default-sdpa": dict(overrides={}, cudnn=False),
+    "L-default-sdpa": dict(overrides={"WINDOW_PATTERN": "L"}, cudnn=False),
+    "ref-b64": dict(overrides={"DEVICE_BATCH_SIZE": 64}, cudnn=True),
+    "ref-cdt": dict(overrides={}, cudnn=True, inductor={"coordinate_descent_tuning": True}),
+}
+
+
+def load_template(overrides):
+    spec = importlib.util.spec_from_file_location("train_bench", TEMPLATE)
+    t = importlib.util.module_from_spec(spec)
+    sys.modules["train_bench"] = t  # torch.compile looks module globals up by module name
+    spec.loader.exec_module(t)
+    for name, value in overrides.items():
+        assert hasattr(t, name), name
+        setattr(t, name, value)
+    return t
+
+
+def run_one(name, steps, warmup, data, profile=False):
+    import torch
+    import torch._inductor.config
+    import torch.nn.functional as F
+
+    variant = VARIANTS[name]
+    t = load_template(variant["overrides"])
+    for key, value in variant.get("inductor", {}).items():
+        setattr(torch._inductor.config, key, value)
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    torch.set_float32_matmul_precision("high")
+    T, V = 2048, 8192
+    B = t.DEVICE_BATCH_SIZE
+    grad_accum = t.TOTAL_BATCH_SIZE // (B * T)
+    cfg = t.model_config(V, T)
+    with torch.device(device):
+        model = t.build_model(cfg)
+    flops, flops_exact = t.flops_per_token(model), t.flops_per_token(model, exact=True)
+    peak = t.peak_flops(torch.cuda.get_device_name(device))
+    opt = t.setup_optimizer(model, compiled=True)
+    autocast, kernels, paths = t.setup_device(model, device)
+    if not variant["cudnn"]:
+        kernels, paths = contextlib.nullcontext(), paths.replace("sdpa(cudnn)", "sdpa")
+    loss_fn = t.make_loss_fn(model, compiled=True)
+
+    if data:
+        from autoresearch import harness
+
+        os.environ["AUTORESEARCH_DATA"] = data
+        os.environ["AUTORESEARCH_PROFILE"] = "h100"
+        loader = harness.start_run().train_loader(B, 42)
+        batches = (b[:2] for b in loader)
+    else:
+        pool = [torch.randint(0, V, (B, T + 1), device=device) for _ in range(4)]
+        batches = ((r[:, :-1], r[:, 1:]) for i in range(10**9) for r in [pool[i % 4]])
+
+    # Same function on every path: compiled (cuDNN/flex) against eager (SDPA with explicit masks).
+    kernels.__enter__()  # a one-shot context manager: entered once, for the whole benchmark
+    x, y = next(batches)
+    with autocast, torch.no_grad():
+        eager = F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+    torch.cuda.reset_peak_memory_stats()  # the eager check above is no part of training
+    times, opt_times, compiled_first = [], [], None
+    t_first = time.perf_counter()
+
+    def train_step(step):
+        nonlocal x, y
+        for _ in range(grad_accum):
+            with autocast:
+                loss = loss_fn(x, y)
+            (loss / grad_accum).backward()
+            x, y = next(batches)
+        for group in opt.param_groups:
+            if group["kind"] == "muon":
+                group["momentum"], group["weight_decay"] = t.muon_momentum(step), t.WEIGHT_DECAY
+        opt.step()
+        model.zero_grad(set_to_none=True)
+        return loss.item()
+
+    for step in range(warmup + steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(grad_accum):
+            with autocast:
+                loss = loss_fn(x, y)
+            if compiled_first is None:
+                compiled_first = loss.item()
+            (loss / grad_accum).backward()
+            x, y = next(batches)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        for group in opt.param_groups:
+            if group["kind"] == "muon":
+                group["momentum"], group["weight_decay"] = t.muon_momentum(step), t.WEIGHT_DECAY
+        opt.step()
+        model.zero_grad(set_to_none=True)
+        loss_f = loss.item()
+        t2 = time.perf_counter()
+        times.append(t2 - t0)
+        opt_times.append(t2 - t1)
+        if step == 0:
+            first_step_s = t2 - t_first
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            train_step(warmup + steps)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
+        print(table, file=sys.stderr, flush=True)
+    warm_s = sum(times[:warmup])
+    timed, timed_opt = times[warmup:], opt_times[warmup:]
+    med = statistics.median(timed)
+    # Evaluation cost (eager, as the harness runs it): one batch of 32 rows.
+    model.eval()
+    with autocast, torch.no_grad():
+        xe = x[:32]
+        model(xe)
+        torch.cuda.synchronize()
+        te = time.perf_counter()
+        for _ in range(3):
+            model(xe)
+        torch.cuda.synchronize()
+        eval_ms = (time.perf_counter() - te) / 3 * 1000
+    tok_s = t.TOTAL_BATCH_SIZE / med
+    return dict(
+        variant=name, attention=paths, device=torch.cuda.get_device_name(device), torch=torch.__version__,
+        window_pattern=t.WINDOW_PATTERN, device_batch=B, grad_accum=grad_accum, data="corpus" if data else "random",
+        params_M=round(sum(p.numel() for p in model.parameters()) / 1e6, 2), flops_per_token=flops,
+        flops_per_token_exact=flops_exact, first_step_s=round(first_step_s, 1), warmup_steps_s=round(warm_s, 1),
+        step_ms_median=round(1000 * med, 1), step_ms_min=round(1000 * min(timed), 1), step_ms_max=round(1000 * max(timed), 1),
+        optimizer_ms_median=round(1000 * statistics.median(timed_opt), 1),
+        tokens_per_s=round(tok_s), mfu_percent=round(100 * flops * tok_s / peak, 2) if peak else 0.0,
+        mfu_exact_percent=round(100 * flops_exact * tok_s / peak, 2) if peak else 0.0,
+        peak_alloc_GB=round(torch.cuda.max_memory_allocated() / 1e9, 2),
+        peak_reserved_GB=round(torch.cuda.max_memory_reserved() / 1e9, 2),
+        loss_eager_first=round(eager, 4), loss_compiled_first=round(compiled_first, 4), loss_last=round(loss_f, 4),
+        eval_ms_per_32_rows=round(eval_ms, 1),
+    )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    ap.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation)")
+    ap.add_argument("--data", default="", help="prepared h100 data folder (default: random tokens)")
+    ap.add_argument("--json", default="", help="write the results here")
+    ap.add_argument("--profile", action="store_true", help="print a CUDA kernel profile of one step (stderr)")
+    ap.add_argument("--one", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.one, args.steps, args.warmup, args.data, args.profile)), flush=True)
+        return
+    results = []
+    for name in args.variants.split(","):
+        cache = tempfile.mkdtemp(prefix=f"inductor-{name}-")
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--data", args.data] + (["--profile"] if args.profile else [])
+        t0 = time.time()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(f"{name}: FAILED (exit {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}", flush=True)
+            continue
+        if args.profile:
+            print(proc.stderr[-12000:], flush=True)
+        r = json.loads(lines[-1][7:])
+        r["process_s"] = round(time.time() - t0, 1)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    cols = ["variant", "attention", "step_ms_median", "step_ms_min", "tokens_per_s", "mfu_percent", "mfu_exact_percent",
+            "optimizer_ms_median", "peak_alloc_GB", "first_step_s", "warmup_steps_s", "process_s", "loss_eager_first",
+            "loss_compiled_first"]
+    print("\n" + " | ".join(cols))
+    for r in results:
+        print(" | ".join(str(r[c]) for c in cols))
+
+
+if __name__ == "__main__":
+    main()
