@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from autoresearch.harness import get_profile, prepare, resolve_source
+from autoresearch.harness import PreparedData, get_profile, prepare, resolve_source
 from autoresearch.lab.decide import DecisionRule
 from autoresearch.lab.loop import Lab
 from autoresearch.lab.workspace import Workspace
@@ -31,13 +31,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--source", help="corpus (default: the profile's)")
+    ap.add_argument("--data", help="an already prepared data folder (skips `prepare`; for machines without rustbpe)")
     ap.add_argument("--budget", type=float, default=20.0)
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--trainer", help="a train.py to use instead of the template's")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args()
     profile = get_profile(args.profile)
-    data, _ = prepare(resolve_source(args.source or profile.default_source), profile, progress=False)
+    if args.data:
+        data = PreparedData.open(Path(args.data), profile)
+    else:
+        data, _ = prepare(resolve_source(args.source or profile.default_source), profile, progress=False)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     print(f"# {time.strftime('%Y-%m-%d')} {device}, torch {torch.__version__}, profile {profile.name}, "
           f"budget {args.budget:g}s", flush=True)

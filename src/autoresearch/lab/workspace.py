@@ -106,7 +106,7 @@ class Workspace:
             "allowed_files": list(allowed_files),
             "decision": (rule or DecisionRule()).to_dict(),
             "time_budget": None,  # seconds; None: the profile's
-            "grace_seconds": None,  # beyond the budget before the trainer is killed; None: max(budget, 60)
+            "grace_seconds": None,  # beyond the budget before the trainer is killed; None: max(budget, 300)
             "training_tolerance": 0.05,  # how far past the budget the lab's clock may find training
             "warmup_cap_seconds": 180.0 if profile != "cpu" else 60.0,
             "base_commit": git(root, "rev-parse", "HEAD"),
@@ -166,7 +166,8 @@ class Workspace:
     def time_limit(self) -> float:
         """Wall-clock seconds after which the trainer's whole process group is killed."""
         grace = self.config["grace_seconds"]
-        return self.time_budget + (max(self.time_budget, 60.0) if grace is None else float(grace))
+        # Start-up, compilation (a minute or more, cold) and evaluation: 10 minutes at 300 s, as the reference.
+        return self.time_budget + (max(self.time_budget, 300.0) if grace is None else float(grace))
 
     def settings(self) -> dict:
         """autoresearch.toml as a dict of tables ({} when the file is absent)."""

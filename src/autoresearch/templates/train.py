@@ -535,7 +535,7 @@ def main():
                 run.training_started()  # tells the lab's clock that the budget counts from here
             smooth_loss = 0.9 * smooth_loss + 0.1 * loss_f
             now = time.time()
-            done = step > uncounted and training_time >= run.time_budget
+            done = step > uncounted and training_time + dt > run.time_budget  # another step would overrun it
             if step <= uncounted or done or now - last_log >= LOG_EVERY_S:
                 last_log = now
                 tok_s = TOTAL_BATCH_SIZE / dt
