@@ -1,6 +1,6 @@
 """The README's images from a real run: the real loop, the tiny real trainer (with progress lines),
 scripted edits (gains, losses, noise, and three kinds of crash). Usage: make_docs.py WORKDIR DOCS_DIR"""
-import json, shutil, subprocess, sys, threading, time
+import shutil, sys, threading, time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -9,7 +9,7 @@ from autoresearch.harness.sources import default_source
 from autoresearch.lab.loop import Lab
 from autoresearch.proposers.scripted import ScriptedProposer
 from lab_helpers import make_workspace
-from test_report import PROGRESS_TRAINER, set_budget, start_trial, running_trial_with_progress
+from report_helpers import PROGRESS_TRAINER, set_budget, start_trial, running_trial_with_progress
 
 EDITS = [
     {"description": "LR 0.003 -> 0.01", "replace": [["LR = 0.003", "LR = 0.01"]]},

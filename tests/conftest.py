@@ -119,3 +119,19 @@ def cpu_prepared(cpu_cache):
     data, worked = prepare(default_source(), PROFILES["cpu"], cache=cpu_cache, progress=False)
     assert not worked
     return data
+
+
+@pytest.fixture(scope="session")
+def research_workspace(tmp_path_factory, cpu_prepared) -> Path:
+    """A real small workspace: baseline, a kept, a discarded and a crashed candidate (report_helpers)."""
+    from report_helpers import build_research_workspace
+
+    return build_research_workspace(tmp_path_factory.mktemp("research") / "ws", cpu_prepared)
+
+
+@pytest.fixture
+def workspace_copy(research_workspace, tmp_path) -> Path:
+    """A copy of `research_workspace` to change freely."""
+    from report_helpers import copy_workspace
+
+    return copy_workspace(research_workspace, tmp_path / "ws")

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from test_report import (ledger_trials, research_workspace, running_trial_with_progress, set_budget,  # noqa: F401
-                         start_trial, wait_for, workspace_copy)
+from report_helpers import ledger_trials, running_trial_with_progress, set_budget, start_trial, wait_for
 
 CHROMIUM = os.environ.get("AUTORESEARCH_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

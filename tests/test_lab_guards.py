@@ -4,7 +4,6 @@ Each test runs one real trial (real git, real subprocesses) of a variant of the 
 """
 from __future__ import annotations
 
-import os
 import time
 from importlib import resources
 from pathlib import Path

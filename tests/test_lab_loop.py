@@ -5,7 +5,6 @@ Real git, real subprocesses (the `autoresearch` command itself), the tiny real t
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

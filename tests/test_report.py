@@ -1,144 +1,26 @@
 """The report: progress.png, report.html, the markdown summary and the sealed test evaluation, made
 from a real small workspace (the real loop, the tiny real trainer, scripted edits).
 
-The workspace is made once per session by `research_workspace` and shared with test_status.py and
-test_dashboard.py; tests that change it work on a copy (`copy_workspace`).
+The workspace is made once per session by the `research_workspace` fixture (conftest.py) and shared
+with test_status.py and test_dashboard.py; tests that change it work on a copy (`workspace_copy`).
 """
 from __future__ import annotations
 
 import base64
 import json
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from autoresearch.lab.ledger import SCHEMA_VERSION, Ledger, LedgerVersionError
-from lab_helpers import make_workspace, variant
+from lab_helpers import make_workspace
+from report_helpers import ledger_trials, running_trial_with_progress, set_budget, start_trial, wait_for
 
-# The tiny trainer, printing train.py's progress line every 0.2 s (the status view and the
-# dashboard read the running trial's step, loss and time left from it).
-PROGRESS_TRAINER = variant(
-    ("started, steps = time.time(), 0", "started, steps, shown = time.time(), 0, 0.0"),
-    ("        steps += 1\n",
-     "        steps += 1\n"
-     "        if time.time() - shown > 0.2:  # PROGRESS\n"
-     "            shown = time.time()\n"
-     "            elapsed = shown - started\n"
-     "            print(f\"train step={steps} progress_pct={100 * min(elapsed / run.time_budget, 1):.1f} \"\n"
-     "                  f\"loss={loss.item():.4f} lrm=1.000 dt_ms=1 tok_per_s={steps * BATCH * run.seq_len / elapsed:.0f} \"\n"
-     "                  f\"mfu_pct=0.0 epoch=0 remaining_s={max(0.0, run.time_budget - elapsed):.0f}\", flush=True)\n"),
-)
-
-EDITS = [  # a clear gain, a clear loss, a crash
-    {"description": "LR 0.003 -> 0.03", "replace": [["LR = 0.003", "LR = 0.03"]]},
-    {"description": "DIM 32 -> 2", "replace": [["DIM = 32", "DIM = 2"]]},
-    {"description": "divide by zero", "replace": [["    run.training_started()\n",
-                                                    "    run.training_started()\n    1 / 0\n"]]},
-]
-
-_SESSION: dict = {}
-
-
-def build_research_workspace(tmp_path_factory, cpu_prepared) -> Path:
-    """Baseline (2 seeds), then a kept, a discarded and a crashed candidate: 5 trials, by the real loop."""
-    if "root" not in _SESSION:
-        from autoresearch.lab.loop import Lab
-        from autoresearch.proposers.scripted import ScriptedProposer
-
-        root = tmp_path_factory.mktemp("research") / "ws"
-        ws = make_workspace(root, cpu_prepared, PROGRESS_TRAINER, budget=2.0, baseline_runs=2)
-        lab = Lab(ws, log=lambda msg: None)
-        try:
-            lab.run(ScriptedProposer(EDITS))
-        finally:
-            lab.close()
-        _SESSION["root"] = ws.root
-    return _SESSION["root"]
-
-
-@pytest.fixture(scope="session")
-def research_workspace(tmp_path_factory, cpu_prepared) -> Path:
-    return build_research_workspace(tmp_path_factory, cpu_prepared)
-
-
-def copy_workspace(src: Path, dst: Path) -> Path:
-    """A copy to change freely (the ledger is copied while nothing writes to it)."""
-    shutil.copytree(src, dst, symlinks=True)
-    return dst
-
-
-@pytest.fixture
-def workspace_copy(research_workspace, tmp_path) -> Path:
-    return copy_workspace(research_workspace, tmp_path / "ws")
-
-
-def ledger_trials(root: Path):
-    ledger = Ledger(root / ".autoresearch" / "ledger.db")
-    try:
-        return ledger.trials(), ledger.get_meta("sigma")
-    finally:
-        ledger.close()
-
-
-def set_budget(root: Path, seconds: float) -> None:
-    path = root / ".autoresearch" / "config.json"
-    config = json.loads(path.read_text())
-    config["time_budget"] = seconds
-    path.write_text(json.dumps(config, indent=2))
-
-
-TRIAL_SCRIPT = """
-import sys
-from pathlib import Path
-from autoresearch.lab.loop import Lab
-from autoresearch.lab.workspace import Workspace
-root, old, new, description = sys.argv[1:5]
-ws = Workspace.open(Path(root))
-train = ws.root / "train.py"
-train.write_text(train.read_text().replace(old, new, 1))
-lab = Lab(ws, log=lambda message: None)
-try:
-    trial = lab.candidate(description, "test")
-finally:
-    lab.close()
-print(trial.id, trial.status, trial.reason)
-"""
-
-
-def start_trial(root: Path, old: str, new: str, description: str) -> subprocess.Popen:
-    """One more real trial in a process of its own, as the loop runs it (it writes the ledger)."""
-    return subprocess.Popen([sys.executable, "-c", TRIAL_SCRIPT, str(root), old, new, description],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(predicate, timeout: float = 60.0, what: str = "the condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-
-
-def running_trial_with_progress(root: Path):
-    """(trial id, True) once the ledger has a running trial whose train.log has a progress line."""
-    from autoresearch.report.data import last_progress, read_ledger
-
-    running = [t for t in read_ledger(root / ".autoresearch" / "ledger.db").trials if t.status == "running"]
-    if running and last_progress(root / ".autoresearch" / "trials" / f"{running[0].id:05d}" / "train.log"):
-        return running[0].id
-    return None
-
-
-# --- what the report says ------------------------------------------------------------------------------
 def test_the_report_writes_a_plot_a_self_contained_page_and_a_summary(workspace_copy, tmp_path, capsys, monkeypatch):
     from autoresearch.report import report
     from autoresearch.report import testeval

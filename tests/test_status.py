@@ -18,8 +18,7 @@ import pytest
 
 from autoresearch.lab.ledger import SCHEMA_VERSION
 from lab_helpers import make_workspace
-from test_report import (ledger_trials, research_workspace, running_trial_with_progress, set_budget,  # noqa: F401
-                         start_trial, wait_for, workspace_copy)
+from report_helpers import ledger_trials, running_trial_with_progress, set_budget, start_trial, wait_for
 
 
 def status_text(root, **kwargs) -> tuple[int, str]:

@@ -1,6 +1,5 @@
 """Workspaces: a git repository per research run, with the harness fingerprint recorded."""
 import json
-import subprocess
 
 import pytest
 

@@ -23,7 +23,6 @@ from typing import Iterator
 import torch
 
 from .dataset import PreparedData, current_data_dir
-from .errors import HarnessError
 from .loader import TrainLoader, eval_rows
 from .metric import evaluate_bpb
 from .profiles import Profile, get_profile

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 SCHEMA_VERSION = 1
 RESULTS_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
-STATUSES = ("running", "keep", "discard", "crash")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -6,7 +6,6 @@ recorded as crashed, their processes killed, and git is put back on the best com
 """
 from __future__ import annotations
 
-import shutil
 import statistics
 import threading
 import time
@@ -17,7 +16,7 @@ from .decide import Decision, decide, noise_floor
 from .ledger import Ledger, Trial
 from .proposer import ProposalContext, Proposer
 from .trial import TrialOutcome, kill_trial_processes, run_trial
-from .workspace import Workspace, WorkspaceError
+from .workspace import Workspace
 
 
 class LabError(RuntimeError):
