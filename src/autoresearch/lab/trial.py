@@ -268,7 +268,8 @@ def run_trial(ws: Workspace, trial_id: int, seed: int | None, ledger_content, st
     try:
         ws.check_fingerprint()
     except WorkspaceError as e:
-        return crash(f"tampering: train.py changed the harness or its data during the run. {e}")
+        return crash(f"tampering: the harness or its data changed during the run (train.py wrote to them, or "
+                     f"autoresearch was reinstalled meanwhile). {e}")
     if ledger_content() != before_ledger:
         return crash(f"tampering: the ledger in {LAB_DIR}/ was written during the trial")
     after_lab = _lab_snapshot(ws, out_dir)
