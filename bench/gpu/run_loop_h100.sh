@@ -1,0 +1,32 @@
+#!/bin/bash
+# The real loop on the GPU box: workspace for the h100 profile (budget shortened), baseline x3,
+# three `search` proposals, then status and report. Wheels for optuna and rich are carried in .whl.
+set -uo pipefail
+OUTDIR=${1:-/tmp/loop}
+ROOT=$(pwd)
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$ROOT/src PYTHONUNBUFFERED=1
+DATA=/tmp/h100_data
+mkdir -p $DATA $OUTDIR
+cp .data/gpu/h100/* $DATA/
+python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('$DATA/train.bin.xz'), open('$DATA/train.bin', 'wb'))"
+rm $DATA/train.bin.xz
+git config --global user.email loop@localhost; git config --global user.name loop
+python3 - <<PY
+from pathlib import Path
+from autoresearch.harness import PreparedData, get_profile
+from autoresearch.lab.workspace import Workspace
+ws = Workspace.create(Path("/tmp/ws"), tag="h100", profile="h100", data=PreparedData.open(Path("$DATA"), get_profile("h100")))
+ws.config["time_budget"] = ${BUDGET:-30}
+ws.save_config()
+PY
+cd /tmp/ws
+timeout ${LOOP_SECONDS:-480} python3 -m autoresearch run --max-trials ${TRIALS:-3} 2>&1 | tee $OUTDIR/run.log
+python3 -m autoresearch status 2>&1 | tee $OUTDIR/status.txt
+python3 -m autoresearch report --test-eval always 2>&1 | tee $OUTDIR/report.txt
+cp results.tsv $OUTDIR/ 2>/dev/null; cp .autoresearch/report/progress.png $OUTDIR/ 2>/dev/null; cp .autoresearch/report/report.html $OUTDIR/ 2>/dev/null
+python3 - <<PY > $OUTDIR/trials.json
+import json, sqlite3
+db = sqlite3.connect(".autoresearch/ledger.db"); db.row_factory = sqlite3.Row
+print(json.dumps([dict(r) for r in db.execute("select id, kind, description, status, reason, val_bpb, training_seconds, total_seconds, num_steps, mfu_percent, peak_vram_mb, hardware, decision from trials")], indent=1))
+PY
