@@ -4,11 +4,7 @@ set -euo pipefail
 OUTDIR=${1:-/tmp/lab}
 ROOT=$(pwd)
 export PYTHONPATH=$ROOT/src PYTHONUNBUFFERED=1
-DATA=/tmp/h100_data
-mkdir -p $DATA $OUTDIR
-cp .data/gpu/h100/* $DATA/
-python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('$DATA/train.bin.xz'), open('$DATA/train.bin', 'wb'))"
-rm $DATA/train.bin.xz
+source bench/gpu/unpack_data.sh
 git config --global user.email bench@localhost; git config --global user.name bench
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__)"

@@ -1,16 +1,12 @@
 #!/bin/bash
 # A full run of the train.py template with the h100 profile on prepared data carried to the GPU box
 # as .data/gpu/h100 (train.bin compressed with xz to fit the transfer limit), then a re-score of its
-# checkpoint in a fresh process, as the lab does it. Usage (repository root): bash .data/gpu/run_h100_profile.sh OUTDIR
+# checkpoint in a fresh process, as the lab does it. Usage (repository root): bash bench/gpu/run_h100_profile.sh OUTDIR
 set -euo pipefail
 OUTDIR=${1:-/tmp/run_h100}
 ROOT=$(pwd)
 export PYTHONPATH=$ROOT/src PYTHONUNBUFFERED=1
-DATA=/tmp/h100_data
-mkdir -p $DATA $OUTDIR
-cp .data/gpu/h100/* $DATA/
-python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('$DATA/train.bin.xz'), open('$DATA/train.bin', 'wb'))"
-rm $DATA/train.bin.xz
+source bench/gpu/unpack_data.sh
 WS=$(mktemp -d); cp src/autoresearch/templates/train.py $WS/
 cd $WS
 START=$(date +%s)

@@ -6,11 +6,7 @@ OUTDIR=${1:-/tmp/loop}
 ROOT=$(pwd)
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$ROOT/src PYTHONUNBUFFERED=1
-DATA=/tmp/h100_data
-mkdir -p $DATA $OUTDIR
-cp .data/gpu/h100/* $DATA/
-python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('$DATA/train.bin.xz'), open('$DATA/train.bin', 'wb'))"
-rm $DATA/train.bin.xz
+source bench/gpu/unpack_data.sh
 git config --global user.email loop@localhost; git config --global user.name loop
 python3 - <<PY
 from pathlib import Path
