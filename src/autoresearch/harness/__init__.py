@@ -3,7 +3,7 @@
 train.py uses `start_run()`; everything else here is for `prepare`, the lab and the tests.
 Names are imported on first use, so `autoresearch --help` does not pay for importing torch.
 """
-from importlib import import_module
+from autoresearch._lazy import lazy_exports
 
 _EXPORTS = {
     "HarnessError": "errors",
@@ -17,9 +17,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)

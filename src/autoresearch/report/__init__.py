@@ -12,7 +12,7 @@ Each raises ReportError (with a message meant for the user) when the workspace o
 read; LedgerTooNew, for a ledger from a newer autoresearch, is also a LedgerVersionError.
 Names are imported on first use, so `autoresearch status` does not pay for matplotlib.
 """
-from importlib import import_module
+from autoresearch._lazy import lazy_exports
 
 _EXPORTS = {
     "ReportError": "data", "LedgerTooNew": "data", "LedgerBusy": "data", "load": "data",
@@ -25,9 +25,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
