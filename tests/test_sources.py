@@ -359,3 +359,10 @@ def test_a_nonexistent_corpus_directory(tmp_path):
     with pytest.raises(HarnessError) as excinfo:
         resolve_source(str(missing))
     assert_names_the_fix(str(excinfo.value), str(missing), "does not exist", "`default`")
+
+
+def test_a_single_file_given_as_the_corpus(tmp_path, write_shard):
+    shard = write_shard(tmp_path / "shard.parquet", ["some text"])
+    with pytest.raises(HarnessError) as excinfo:
+        resolve_source(str(shard))
+    assert_names_the_fix(str(excinfo.value), str(shard), "is a file", "a directory of shards")

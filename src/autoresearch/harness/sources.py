@@ -145,6 +145,12 @@ def directory_source(root: Path) -> CorpusSource:
     """`root/{train,val,test}/` shards (the layout of ../shared/corpus), or a flat folder whose last
     shard is val (the reference's convention; no test split then)."""
     root = root.expanduser().resolve()
+    if root.is_file():
+        raise HarnessError(
+            f"{root} is a file; --source takes a directory of shards (train/, val/ and optionally test/ "
+            "subfolders, or a flat folder of shards), `default` or `climbmix`. Put the file in a folder "
+            "with at least one other shard for validation."
+        )
     if not root.is_dir():
         raise HarnessError(
             f"Corpus directory {root} does not exist. Give --source a directory of shards "
