@@ -255,7 +255,8 @@ def test_short_cpu_run_end_to_end(tmp_path, cpu_data, monkeypatch):
     assert re.fullmatch(r"val_bpb: {10}\d+\.\d{6}", block[0])
     values = {l.split(":")[0]: float(l.split(":")[1]) for l in block}
     assert values["mfu_percent"] == 0.0 and values["depth"] == 2 and values["num_steps"] > 2
-    assert values["training_seconds"] >= 2.0 and 0 < values["val_bpb"] < 5
+    # It trains up to the budget and stops before a step would overrun it.
+    assert 1.0 <= values["training_seconds"] <= 2.05 and 0 < values["val_bpb"] < 5
 
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     for key in SUMMARY_KEYS:
