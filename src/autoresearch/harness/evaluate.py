@@ -61,9 +61,8 @@ def causality_probe(model: torch.nn.Module, rows: torch.Tensor, device: torch.de
     gen = torch.Generator().manual_seed(1234)
     for i, cut in enumerate(cuts):
         changed[i, cut:] = torch.randint(0, vocab_size, (seq - cut,), generator=gen).to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     model.eval()
-    with autocast:
+    with metric.scoring_autocast(device):
         a, b = model(inputs).float(), model(changed).float()
     tolerance = 1e-3 if device.type == "cuda" else 1e-5
     worst, worst_at = 0.0, None

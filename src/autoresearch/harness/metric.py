@@ -14,6 +14,11 @@ import torch.nn.functional as F
 from .errors import HarnessError
 
 
+def scoring_autocast(device: torch.device):
+    """The precision the harness scores in: bf16 autocast on CUDA, as trained there; exact elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def evaluate_bpb(model: torch.nn.Module, rows: torch.Tensor, token_bytes: torch.Tensor, batch_size: int,
                  device: torch.device | str) -> float:
@@ -24,7 +29,7 @@ def evaluate_bpb(model: torch.nn.Module, rows: torch.Tensor, token_bytes: torch.
     """
     device = torch.device(device)
     token_bytes = token_bytes.to(device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    autocast = scoring_autocast(device)
     was_training = model.training
     model.eval()
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
