@@ -19,6 +19,7 @@ import pytest
 from autoresearch.lab.ledger import Ledger, Trial
 from autoresearch.lab.loop import Lab
 from autoresearch.lab.proposer import ProposalContext
+from autoresearch.lab.workspace import git
 from autoresearch.proposers.agent import PRESETS, AgentError, AgentProposer
 from autoresearch.proposers.prompt import (agent_prompt, backoff_seconds, consecutive_failures, history_section,
                                            llm_prompt)
@@ -51,10 +52,6 @@ def agents(tmp_path, monkeypatch):
         log = tmp_path / "agent.log"
         return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     return calls
-
-
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ their timeouts, retries on 429 with retry-after, error classes and usage fields.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from autoresearch.lab.ledger import Ledger, Trial
 from autoresearch.lab.loop import Lab
 from autoresearch.lab.proposer import ProposalContext
+from autoresearch.lab.workspace import git
 from autoresearch.proposers.edits import EditError, apply_reply, describe_change, parse_reply
 from autoresearch.proposers.llm import SYSTEM, LLMError, LLMProposer, model_price
 from lab_helpers import TINY_TRAINER, make_workspace
@@ -55,10 +55,6 @@ program.md
 
 
 # --- helpers ------------------------------------------------------------------------------------
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
-
-
 @pytest.fixture
 def repo(tmp_path) -> Path:
     root = tmp_path / "ws"
