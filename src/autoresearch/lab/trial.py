@@ -276,9 +276,10 @@ def run_trial(ws: Workspace, trial_id: int, seed: int | None, ledger_content, st
     touched = sorted(k for k in set(before_lab) | set(after_lab) if before_lab.get(k) != after_lab.get(k))
     if touched:
         return crash(f"tampering: the trial wrote into {LAB_DIR}/ outside its own folder: {', '.join(touched[:5])}")
-    if ws.head() != head or ws.changed_files():
+    changed = ws.changed_files()
+    if ws.head() != head or changed:
         return crash("tampering: the trial changed the git repository or its files "
-                     f"({', '.join(ws.changed_files()[:5]) or 'HEAD moved'})")
+                     f"({', '.join(changed[:5]) or 'HEAD moved'})")
     # Ignored files too: nothing a trainer leaves in the workspace (weights to resume from, say)
     # may reach the next trial.
     ws.clean()
