@@ -6,13 +6,17 @@ the reference configuration (depth 8, vocab 8192, sequence 2048, 2^19 tokens per
 with an empty Inductor cache: the cache ignores the SDPA backend flags, and compile time is measured
 cold.
 
-    PYTHONPATH=src python bench/bench_train_gpu.py                    # every variant
+    PYTHONPATH=src python bench/bench_train_gpu.py                    # the quick variants
     PYTHONPATH=src python bench/bench_train_gpu.py --variants ref,L --steps 30 --json out.json
 
 Variants: ref (the template as shipped: SSSL, cuDNN SDPA for full layers, FlexAttention for the
-sliding windows), L (every layer full-causal on cuDNN), the same two with PyTorch's default SDPA
-backend order (-default-sdpa), ref-b64 (device batch 64, 4 accumulation steps) and ref-cdt
-(Inductor's coordinate-descent tuning). --profile prints a CUDA kernel table of one step.
+sliding windows), ref-warm (ref again on the compile cache ref left), L (every layer full-causal on
+cuDNN), the same two with PyTorch's default SDPA backend order (-default-sdpa), ref-b64 (device batch
+64, 4 accumulation steps), ref-cdt (Inductor's coordinate-descent tuning), ma (Inductor's
+max-autotune: Triton GEMMs with fused epilogues) and flex-autotune (max-autotune of FlexAttention's
+kernels alone); the last three compile for minutes and run only when named. --template measures
+another train.py, such as an older one, side by side. --profile prints a CUDA kernel table of one
+step.
 """
 import argparse
 import contextlib
@@ -34,11 +38,15 @@ VARIANTS = {
     "L-default-sdpa": dict(overrides={"WINDOW_PATTERN": "L"}, cudnn=False),
     "ref-b64": dict(overrides={"DEVICE_BATCH_SIZE": 64}, cudnn=True),
     "ref-cdt": dict(overrides={}, cudnn=True, inductor={"coordinate_descent_tuning": True}),
+    "ref-warm": dict(overrides={}, cudnn=True, cache_from="ref"),
+    "ma": dict(overrides={}, cudnn=True, inductor={"max_autotune": True}),
+    # max-autotune with cuBLAS as the only GEMM: only FlexAttention's kernel configurations are tuned.
+    "flex-autotune": dict(overrides={}, cudnn=True, inductor={"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}),
 }
 
 
 def load_template(overrides):
-    spec = importlib.util.spec_from_file_location("train_bench", TEMPLATE)
+    spec = importlib.util.spec_from_file_location("train_bench", os.environ.get("BENCH_TEMPLATE", TEMPLATE))
     t = importlib.util.module_from_spec(spec)
     sys.modules["train_bench"] = t  # torch.compile looks module globals up by module name
     spec.loader.exec_module(t)
@@ -56,7 +64,7 @@ def run_one(name, steps, warmup, data, profile=False):
     variant = VARIANTS[name]
     t = load_template(variant["overrides"])
     for key, value in variant.get("inductor", {}).items():
-        setattr(torch._inductor.config, key, value)
+        torch._inductor.config.patch({key: value}).__enter__()
     device = torch.device("cuda")
     torch.manual_seed(0)
     torch.set_float32_matmul_precision("high")
@@ -68,7 +76,7 @@ def run_one(name, steps, warmup, data, profile=False):
         model = t.build_model(cfg)
     flops, flops_exact = t.flops_per_token(model), t.flops_per_token(model, exact=True)
     peak = t.peak_flops(torch.cuda.get_device_name(device))
-    opt = t.setup_optimizer(model, compiled=True)
+    opt = t.setup_optimizer(model)
     autocast, kernels, paths = t.setup_device(model, device)
     if not variant["cudnn"]:
         kernels, paths = contextlib.nullcontext(), paths.replace("sdpa(cudnn)", "sdpa")
@@ -120,6 +128,8 @@ def run_one(name, steps, warmup, data, profile=False):
             x, y = next(batches)
         torch.cuda.synchronize()
         t1 = time.perf_counter()
+        if step == 0:
+            first_fwd_bwd_s = t1 - t_first
         for group in opt.param_groups:
             if group["kind"] == "muon":
                 group["momentum"], group["weight_decay"] = t.muon_momentum(step), t.WEIGHT_DECAY
@@ -130,7 +140,10 @@ def run_one(name, steps, warmup, data, profile=False):
         times.append(t2 - t0)
         opt_times.append(t2 - t1)
         if step == 0:
-            first_step_s = t2 - t_first
+            first_step_s, first_optimizer_s = t2 - t_first, t2 - t1
+            from torch._dynamo.utils import compile_times
+
+            print(compile_times(repr="str"), file=sys.stderr, flush=True)
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
@@ -159,7 +172,8 @@ def run_one(name, steps, warmup, data, profile=False):
         variant=name, attention=paths, device=torch.cuda.get_device_name(device), torch=torch.__version__,
         window_pattern=t.WINDOW_PATTERN, device_batch=B, grad_accum=grad_accum, data="corpus" if data else "random",
         params_M=round(sum(p.numel() for p in model.parameters()) / 1e6, 2), flops_per_token=flops,
-        flops_per_token_exact=flops_exact, first_step_s=round(first_step_s, 1), warmup_steps_s=round(warm_s, 1),
+        flops_per_token_exact=flops_exact, first_step_s=round(first_step_s, 1), first_fwd_bwd_s=round(first_fwd_bwd_s, 1),
+        first_optimizer_s=round(first_optimizer_s, 1), warmup_steps_s=round(warm_s, 1),
         step_ms_median=round(1000 * med, 1), step_ms_min=round(1000 * min(timed), 1), step_ms_max=round(1000 * max(timed), 1),
         optimizer_ms_median=round(1000 * statistics.median(timed_opt), 1),
         tokens_per_s=round(tok_s), mfu_percent=round(100 * flops * tok_s / peak, 2) if peak else 0.0,
@@ -173,25 +187,40 @@ def run_one(name, steps, warmup, data, profile=False):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    quick = [name for name in VARIANTS if name not in ("ref-cdt", "ma", "flex-autotune")]
+    ap.add_argument("--variants", default=",".join(quick))
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation)")
     ap.add_argument("--data", default="", help="prepared h100 data folder (default: random tokens)")
+    ap.add_argument("--template", default=str(TEMPLATE), help="the train.py to measure (default: the shipped one)")
     ap.add_argument("--json", default="", help="write the results here")
     ap.add_argument("--profile", action="store_true", help="print a CUDA kernel profile of one step (stderr)")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds allowed to each variant's process")
+    ap.add_argument("--logs", default="", help="keep each variant's stdout and stderr in this folder")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one, args.steps, args.warmup, args.data, args.profile)), flush=True)
         return
-    results = []
+    results, caches = [], {}
     for name in args.variants.split(","):
-        cache = tempfile.mkdtemp(prefix=f"inductor-{name}-")
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        # A cold Inductor cache per variant, except for "-warm" variants, which reuse another's.
+        source = VARIANTS[name].get("cache_from")
+        cache = caches[source] if source else tempfile.mkdtemp(prefix=f"inductor-{name}-")
+        caches[name] = cache
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "BENCH_TEMPLATE": args.template}
         cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--data", args.data] + (["--profile"] if args.profile else [])
         t0 = time.time()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired as e:
+            print(f"{name}: timed out after {args.timeout:g} s\n{(e.stdout or b'')[-3000:]}", flush=True)
+            continue
+        if args.logs:
+            Path(args.logs).mkdir(parents=True, exist_ok=True)
+            Path(args.logs, f"{name}.out").write_text(proc.stdout)
+            Path(args.logs, f"{name}.err").write_text(proc.stderr)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode or not lines:
             print(f"{name}: FAILED (exit {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}", flush=True)
@@ -205,8 +234,8 @@ def main():
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     cols = ["variant", "attention", "step_ms_median", "step_ms_min", "tokens_per_s", "mfu_percent", "mfu_exact_percent",
-            "optimizer_ms_median", "peak_alloc_GB", "first_step_s", "warmup_steps_s", "process_s", "loss_eager_first",
-            "loss_compiled_first"]
+            "optimizer_ms_median", "peak_alloc_GB", "first_step_s", "first_fwd_bwd_s", "first_optimizer_s", "warmup_steps_s",
+            "process_s", "loss_eager_first", "loss_compiled_first"]
     print("\n" + " | ".join(cols))
     for r in results:
         print(" | ".join(str(r[c]) for c in cols))

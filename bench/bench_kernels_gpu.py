@@ -1,0 +1,208 @@
+"""Component timings on a CUDA GPU, for choosing train.py's kernels one piece at a time.
+
+Each piece runs forward and backward at the reference's shapes (a device batch of 128 rows of 2048
+tokens, width 512, 4 heads of 128), alone, so that a choice costs seconds of compilation instead of
+a whole model's. Run with an empty Inductor cache to see cold compile times:
+
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) PYTHONPATH=src python bench/bench_kernels_gpu.py --json out.json
+
+Pieces (--only): attention (cuDNN full-causal, PyTorch's FlashAttention-2 full and windowed,
+FlexAttention windowed with kernel options), softcap (the head's soft-capped cross-entropy, tanh
+against the same function through a sigmoid), qkv (three projections against one on the stacked
+weights, with RoPE and QK-norm after), mlp (ReLU squared, default compile against max-autotune).
+"""
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+B, T, H, D, WIDTH, VOCAB, WINDOW = 128, 2048, 4, 128, 512, 8192, 1024
+
+
+def timed(fn, iters, warmup=3):
+    """Median milliseconds of fn() over `iters` calls, after `warmup` calls (the first compiles)."""
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return dict(ms=round(statistics.median(times), 3), first_call_s=round(first_s, 1))
+
+
+def fwd_bwd(forward, inputs, grads):
+    """A closure running forward on `inputs` and backward from `grads`, clearing input gradients."""
+
+    def run():
+        for x in inputs:
+            x.grad = None
+        outs = forward(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.backward(outs, grads[: len(outs)])
+
+    return run
+
+
+def attention_pieces(iters):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(3))
+    dout = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    def cudnn_full(q, k, v):
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  is_causal=True).transpose(1, 2)
+
+    def flash(window):
+        def run(q, k, v):  # (B, T, H, D) in and out; keys j with i - window < j <= i
+            return torch.ops.aten._flash_attention_forward(
+                q, k, v, None, None, T, T, 0.0, True, False, window_size_left=window - 1, window_size_right=0)[0]
+
+        return run
+
+    mask = create_block_mask(lambda b, h, qi, ki: (ki <= qi) & (qi - ki < WINDOW), None, None, T, T, device="cuda")
+
+    def flex(options):
+        def run(q, k, v):
+            return flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
+                                  kernel_options=options or None).transpose(1, 2)
+
+        return torch.compile(run, dynamic=False)
+
+    pieces = {
+        "cudnn full-causal": cudnn_full,
+        "flash2 full-causal": flash(T),
+        f"flash2 window {WINDOW}": flash(WINDOW),
+        f"flex window {WINDOW}": flex({}),
+        f"flex window {WINDOW}, USE_TMA": flex({"USE_TMA": True}),
+        f"flex window {WINDOW}, ROWS_GUARANTEED_SAFE": flex({"ROWS_GUARANTEED_SAFE": True}),
+    }
+    results, outputs = {}, {}
+    for name, fn in pieces.items():
+        try:
+            results[name] = timed(fwd_bwd(fn, (q, k, v), (dout,)), iters)
+            outputs[name] = (fn(q, k, v).float(), *(x.grad.float() for x in (q, k, v)))
+        except Exception as e:  # a kernel this torch lacks is a result too
+            results[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+        print(name, results[name], flush=True)
+    # Same function on every path: the largest difference from a reference path, output and gradients.
+    for name, ref in [("flash2 full-causal", "cudnn full-causal"), (f"flash2 window {WINDOW}", f"flex window {WINDOW}")]:
+        if name in outputs and ref in outputs:
+            results[name]["max_abs_diff_vs_" + ref] = max((a - b).abs().max().item() for a, b in zip(outputs[name], outputs[ref]))
+    return results
+
+
+def softcap_pieces(iters):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(B * T, WIDTH, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    w = (torch.randn(VOCAB, WIDTH, device="cuda", generator=g) * 0.02).requires_grad_()
+    y = torch.randint(0, VOCAB, (B * T,), device="cuda", generator=g)
+
+    def loss_with(cap):
+        def run(h, w):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = F.linear(h, w).float()
+            return F.cross_entropy(cap(logits), y)
+
+        return torch.compile(run, dynamic=False)
+
+    pieces = {
+        "15 tanh(x / 15)": loss_with(lambda x: 15 * torch.tanh(x / 15)),
+        "15 (2 sigmoid(2x / 15) - 1)": loss_with(lambda x: 15 * (2 * torch.sigmoid(x * (2 / 15)) - 1)),
+    }
+    results = {}
+    for name, fn in pieces.items():
+        results[name] = timed(fwd_bwd(fn, (h, w), (torch.tensor(1.0, device="cuda"),)), iters)
+        results[name]["loss"] = fn(h, w).item()
+        print(name, results[name], flush=True)
+    return results
+
+
+def rope_norm(x, cos, sin):
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    x = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def qkv_pieces(iters):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, T, WIDTH, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    wq, wk, wv = (torch.randn(WIDTH, WIDTH, device="cuda", generator=g).mul_(0.04).requires_grad_() for _ in range(3))
+    angles = torch.outer(torch.arange(T, device="cuda").float(), 10000 ** (-torch.arange(D // 2, device="cuda") / (D // 2)))
+    cos, sin = angles.cos()[None, :, None, :].bfloat16(), angles.sin()[None, :, None, :].bfloat16()
+    grads = tuple(torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+
+    def separate(x, wq, wk, wv):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            q, k, v = (F.linear(x, w).view(B, T, H, D) for w in (wq, wk, wv))
+            return rope_norm(q, cos, sin), rope_norm(k, cos, sin), v
+
+    def stacked(x, wq, wk, wv):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            q, k, v = F.linear(x, torch.cat([wq, wk, wv])).view(B, T, 3 * H, D).split(H, dim=2)
+            return rope_norm(q, cos, sin), rope_norm(k, cos, sin), v
+
+    results = {}
+    for name, fn in {"three projections": separate, "one projection, stacked weights": stacked}.items():
+        results[name] = timed(fwd_bwd(torch.compile(fn, dynamic=False), (x, wq, wk, wv), grads), iters)
+        print(name, results[name], flush=True)
+    return results
+
+
+def mlp_pieces(iters):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B * T, WIDTH, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    fc = (torch.randn(4 * WIDTH, WIDTH, device="cuda", generator=g) / math.sqrt(WIDTH)).requires_grad_()
+    proj = (torch.randn(WIDTH, 4 * WIDTH, device="cuda", generator=g) / math.sqrt(4 * WIDTH)).requires_grad_()
+    dy = torch.randn(B * T, WIDTH, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    def mlp(x, fc, proj):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return F.linear(F.relu(F.linear(x, fc)).square(), proj)
+
+    results = {}
+    for name, options in {"default compile": {}, "max-autotune (GEMM epilogues)": {"max_autotune": True}}.items():
+        fn = torch.compile(mlp, dynamic=False, options=options or None)
+        results[name] = timed(fwd_bwd(fn, (x, fc, proj), (dy,)), iters)
+        print(name, results[name], flush=True)
+    return results
+
+
+PIECES = {"attention": attention_pieces, "softcap": softcap_pieces, "qkv": qkv_pieces, "mlp": mlp_pieces}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(PIECES), help="comma-separated pieces")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    torch.set_float32_matmul_precision("high")
+    results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, shapes=dict(B=B, T=T, H=H, D=D, width=WIDTH))
+    for name in args.only.split(","):
+        print(f"== {name}", flush=True)
+        results[name] = PIECES[name](args.iters)
+        torch.cuda.empty_cache()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
