@@ -45,8 +45,13 @@ class TrialOutcome:
         return self.val_bpb is None
 
 
+def without_secrets(environ) -> dict:
+    """`environ` less the variables that look like credentials (API keys, tokens, cloud accounts)."""
+    return {k: v for k, v in environ.items() if not SECRET_NAME.search(k)}
+
+
 def trainer_env(ws: Workspace, out_dir: Path, seed: int | None, token: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not SECRET_NAME.search(k)}
+    env = without_secrets(os.environ)
     env.update({
         "AUTORESEARCH_PROFILE": ws.config["profile"],
         "AUTORESEARCH_DATA": ws.config["data"],
@@ -222,26 +227,31 @@ def check_training_time(ws: Workspace, clock: EventClock, ended: float) -> tuple
     return training, ""
 
 
+def score_checkpoint(trainer: Path, checkpoint: Path, result_path: Path, split: str, *, cwd: Path, env: dict,
+                     timeout: float, tail_lines: int) -> dict:
+    """The harness's score of `checkpoint`, from a fresh `python -m autoresearch.harness.evaluate`
+    process, or {"error": ...} with the end of its output. Raises subprocess.TimeoutExpired."""
+    cmd = [sys.executable, "-m", "autoresearch.harness.evaluate", str(trainer), str(checkpoint), str(result_path),
+           "--split", split]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          start_new_session=True, stdin=subprocess.DEVNULL)
+    try:
+        return json.loads(result_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-tail_lines:]
+        return {"error": f"the evaluation process failed (exit {proc.returncode}): {' | '.join(tail)}"}
+
+
 def evaluate(ws: Workspace, out_dir: Path, token: str, split: str = "val") -> dict:
     """Score the checkpoint in a fresh harness process."""
-    result_path = out_dir / f"eval-{split}.json"
-    env = trainer_env(ws, out_dir, None, token)
-    cmd = [sys.executable, "-m", "autoresearch.harness.evaluate", str(ws.root / "train.py"),
-           str(out_dir / "checkpoint.pt"), str(result_path), "--split", split]
     limit = max(600.0, ws.time_limit)
     try:
-        proc = subprocess.run(cmd, cwd=ws.root, env=env, capture_output=True, text=True, timeout=limit,
-                              start_new_session=True)
+        return score_checkpoint(ws.root / "train.py", out_dir / "checkpoint.pt", out_dir / f"eval-{split}.json", split,
+                                cwd=ws.root, env=trainer_env(ws, out_dir, None, token), timeout=limit, tail_lines=5)
     except subprocess.TimeoutExpired:
         return {"error": f"the evaluation did not finish in {limit:.0f}s (does build_model or the forward pass hang?)"}
     finally:
         kill_trial_processes(token)
-    try:
-        result = json.loads(result_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        return {"error": f"the evaluation process failed (exit {proc.returncode}): {' | '.join(tail)}"}
-    return result
 
 
 def run_trial(ws: Workspace, trial_id: int, seed: int | None, ledger_content, stop: threading.Event | None = None) -> TrialOutcome:

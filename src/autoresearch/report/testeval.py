@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from autoresearch.harness.storage import write_json
+from autoresearch.lab.trial import score_checkpoint, without_secrets
 
 from .data import Analysis, WorkspaceInfo
 
@@ -29,7 +30,6 @@ CACHE_FILE = "test-eval.json"
 CACHE_VERSION = 1
 MODES = ("auto", "always", "never")
 TIMEOUT_SECONDS = 1800.0
-SECRET_NAME = re.compile(r"(_API_KEY|_TOKEN|_SECRET|_PASSWORD)$|^(AWS_|ANTHROPIC_|OPENAI_)", re.IGNORECASE)
 _RUN_VARIABLES = ("AUTORESEARCH_SEED", "AUTORESEARCH_EVENTS_FD", "AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_TRIAL")
 
 
@@ -59,10 +59,7 @@ def read_cache(ws: WorkspaceInfo) -> dict:
 
 
 def write_cache(ws: WorkspaceInfo, results: dict) -> None:
-    path = cache_path(ws)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"version": CACHE_VERSION, "results": results}, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_json(cache_path(ws), {"version": CACHE_VERSION, "results": results})
 
 
 def _checkpoint_for(a: Analysis, commit: str, prefer_kind: str) -> tuple[int | None, Path | None]:
@@ -96,23 +93,15 @@ def evaluate_commit(ws: WorkspaceInfo, commit: str, checkpoint: Path, timeout: f
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
         out = folder / "eval-test.json"
-        env = {k: v for k, v in os.environ.items() if not SECRET_NAME.search(k) and k not in _RUN_VARIABLES}
+        env = {k: v for k, v in without_secrets(os.environ).items() if k not in _RUN_VARIABLES}
         env.update({"AUTORESEARCH_PROFILE": ws.config.get("profile", ""), "AUTORESEARCH_DATA": ws.config.get("data", ""),
                     "AUTORESEARCH_OUTPUT": str(folder / "output"), "PYTHONDONTWRITEBYTECODE": "1",
                     "PYTHONUNBUFFERED": "1"})
-        cmd = [sys.executable, "-m", "autoresearch.harness.evaluate", str(folder / "train.py"), str(checkpoint),
-               str(out), "--split", "test"]
         try:
-            proc = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout,
-                                  start_new_session=True, stdin=subprocess.DEVNULL)
+            return score_checkpoint(folder / "train.py", checkpoint, out, "test", cwd=folder, env=env, timeout=timeout,
+                                    tail_lines=3)
         except subprocess.TimeoutExpired:
             return {"error": f"the test evaluation ran past {timeout:.0f}s and was stopped"}
-        try:
-            result = json.loads(out.read_text())
-        except (OSError, json.JSONDecodeError):
-            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-            return {"error": f"the evaluation process failed (exit {proc.returncode}): {tail}"}
-        return result
 
 
 def sealed_test(a: Analysis, mode: str = "auto", log=None, may_write=lambda: True) -> list[TestResult]:
