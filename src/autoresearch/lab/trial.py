@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .limits import evaluation_limit
 from .workspace import LAB_DIR, READER_PATHS, Workspace, WorkspaceError
 
 SECRET_NAME = re.compile(r"(_API_KEY|_TOKEN|_SECRET|_PASSWORD)$|^(AWS_|ANTHROPIC_|OPENAI_)", re.IGNORECASE)
@@ -244,7 +245,7 @@ def score_checkpoint(trainer: Path, checkpoint: Path, result_path: Path, split: 
 
 def evaluate(ws: Workspace, out_dir: Path, token: str, split: str = "val") -> dict:
     """Score the checkpoint in a fresh harness process."""
-    limit = max(600.0, ws.time_limit)
+    limit = evaluation_limit(ws.time_limit)
     try:
         return score_checkpoint(ws.root / "train.py", out_dir / "checkpoint.pt", out_dir / f"eval-{split}.json", split,
                                 cwd=ws.root, env=trainer_env(ws, out_dir, None, token), timeout=limit, tail_lines=5)

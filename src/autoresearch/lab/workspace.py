@@ -25,6 +25,7 @@ from autoresearch.harness import PreparedData, get_profile, render_trainer
 from autoresearch.harness.storage import write_json
 
 from .decide import DecisionRule
+from .limits import trainer_limit
 
 LAB_DIR = ".autoresearch"
 CONFIG_FILE = "config.json"
@@ -165,9 +166,7 @@ class Workspace:
     @property
     def time_limit(self) -> float:
         """Wall-clock seconds after which the trainer's whole process group is killed."""
-        grace = self.config["grace_seconds"]
-        # Start-up, compilation (a minute or more, cold) and evaluation: 10 minutes at 300 s, as the reference.
-        return self.time_budget + (max(self.time_budget, 300.0) if grace is None else float(grace))
+        return trainer_limit(self.time_budget, self.config["grace_seconds"])
 
     def settings(self) -> dict:
         """autoresearch.toml as a dict of tables ({} when the file is absent)."""

@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from autoresearch.lab.ledger import SCHEMA_VERSION, LedgerVersionError, Trial
+from autoresearch.lab.limits import evaluation_limit, trainer_limit
 
 LAB_DIR = ".autoresearch"
 CONFIG_FILE = "config.json"
@@ -70,10 +71,9 @@ class WorkspaceInfo:
 
     @property
     def longest_trial_seconds(self) -> float:
-        """Longer than any trial the lab lets run: its kill limit, plus ten minutes for evaluation."""
-        budget = self.time_budget or 300.0
-        grace = self.config.get("grace_seconds")
-        return budget + (max(budget, 60.0) if grace is None else float(grace)) + 600.0
+        """Longer than any trial the lab lets run: the trainer's kill limit, then the evaluation's."""
+        trainer = trainer_limit(self.time_budget or 300.0, self.config.get("grace_seconds"))
+        return trainer + evaluation_limit(trainer)
 
     @property
     def time_budget(self) -> float | None:
