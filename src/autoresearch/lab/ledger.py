@@ -78,6 +78,12 @@ class Trial:
     ended_at: float | None
     _json_fields = ("decision", "trainer_summary", "hardware", "proposer_usage")
 
+    @property
+    def values(self) -> list[float]:
+        """The val_bpb runs its decision rests on (several when it was re-run), else its own one, else none."""
+        runs = [v for v in (self.decision or {}).get("values") or [] if isinstance(v, (int, float))]
+        return runs or ([self.val_bpb] if self.val_bpb is not None else [])
+
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Trial":
         values = dict(row)

@@ -39,9 +39,10 @@ from pathlib import Path
 
 from autoresearch.lab.ledger import Trial
 from autoresearch.lab.proposer import ProposalContext
+from autoresearch.lab.workspace import git
 
-from .edits import describe_change
-from .prompt import RECENT, agent_prompt, backoff_seconds, consecutive_failures, next_trial_id
+from .edits import DESCRIPTION_LINE, describe_change
+from .prompt import RECENT, agent_prompt, backoff_seconds, consecutive_failures, next_trial_id, one_line
 
 AGENT_DIR = ".autoresearch/agent"
 AGENT_ENV = "AUTORESEARCH_AGENT"  # set in the agent's environment: it runs under the lab's loop
@@ -65,10 +66,8 @@ PRESETS: dict[str, list[str]] = {
               "--input-history-file", "{proposal_dir}/aider.input.history", "--message-file", "{prompt_file}",
               "train.py"],
 }
-MODEL_FLAGS = {"claude": "--model", "codex": "--model", "aider": "--model"}
+MODEL_FLAG = "--model"  # the same in every preset
 PLACEHOLDERS = ("prompt", "prompt_file", "workspace", "description_file", "last_message_file", "proposal_dir")
-DESCRIPTION_LINE = re.compile(r"^[\s*_#>`-]*description\s*[*_]*\s*:\s*[*_]*\s*(?P<text>.*?)[\s*_`]*$", re.IGNORECASE)
-PLACEHOLDER_TEXT = "<one line>"  # the prompt's own example, which agents may echo
 DESCRIPTION_CHARS = 200
 MAX_ARG_BYTES = 120_000  # Linux refuses a single argument over 128 KiB
 
@@ -119,10 +118,10 @@ class AgentProposer:
         extra = settings.get("args") or []
         extra = shlex.split(extra) if isinstance(extra, str) else [str(a) for a in extra]
         if settings.get("model"):
-            if preset not in MODEL_FLAGS:
+            if preset not in PRESETS:
                 raise ValueError("[agent] `model` works with the claude, codex and aider presets; put the model "
                                  "into `command` for a custom agent")
-            extra = [MODEL_FLAGS[preset], str(settings["model"]), *extra]
+            extra = [MODEL_FLAG, str(settings["model"]), *extra]
         if extra:  # before the prompt for codex (its last argument), at the end otherwise
             at = len(argv) - 1 if preset == "codex" and not command else len(argv)
             argv[at:at] = extra
@@ -172,8 +171,8 @@ class AgentProposer:
 
         train = workspace / "train.py"
         before = train.read_text() if train.exists() else ""
-        head_before = _git(workspace, "rev-parse", "HEAD")
-        branch_before = _git(workspace, "symbolic-ref", "-q", "HEAD")
+        head_before = git(workspace, "rev-parse", "HEAD", check=False)
+        branch_before = git(workspace, "symbolic-ref", "-q", "HEAD", check=False)
         env = {**os.environ, **self.env, AGENT_ENV: "1"}
         self.last_usage = {"agent": self.preset, "seconds": 0.0}
         started = time.monotonic()
@@ -206,14 +205,14 @@ class AgentProposer:
         if code != 0:
             raise AgentError(f"the agent exited with code {code}" + _tail(message or stdout, stderr))
 
-        branch_after = _git(workspace, "symbolic-ref", "-q", "HEAD")
+        branch_after = git(workspace, "symbolic-ref", "-q", "HEAD", check=False)
         if branch_after != branch_before:
             if branch_before:
-                _git(workspace, "checkout", "-q", "-f", branch_before.removeprefix("refs/heads/"))
+                git(workspace, "checkout", "-q", "-f", branch_before.removeprefix("refs/heads/"), check=False)
             raise AgentError(f"the agent switched git from {branch_before or 'a detached HEAD'} to "
                              f"{branch_after or 'a detached HEAD'}; switched back, its edit is dropped")
-        if head_before and _git(workspace, "rev-parse", "HEAD") != head_before:
-            _git(workspace, "reset", "-q", "--soft", head_before)  # the lab commits, not the agent
+        if head_before and git(workspace, "rev-parse", "HEAD", check=False) != head_before:
+            git(workspace, "reset", "-q", "--soft", head_before, check=False)  # the lab commits, not the agent
             self.last_usage["agent_committed"] = True
 
         after = train.read_text() if train.exists() else ""
@@ -232,12 +231,6 @@ def _fill(arg: str, values: dict[str, str]) -> str:
     for name, value in values.items():
         arg = arg.replace("{" + name + "}", value)
     return arg
-
-
-def _git(cwd: Path, *args: str) -> str:
-    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
-    return proc.stdout.strip() if proc.returncode == 0 else ""
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -344,6 +337,6 @@ def _description(folder: Path, message: str, stdout: str) -> tuple[str, str]:
 
 def _clean(text: str) -> str:
     text = " ".join(text.split()).strip("`\"' ")
-    if not text or text == PLACEHOLDER_TEXT or text.startswith("<"):
+    if not text or text.startswith("<"):  # nothing, or the prompt's own example "<one line>" echoed
         return ""
-    return text if len(text) <= DESCRIPTION_CHARS else text[:DESCRIPTION_CHARS - 3] + "..."
+    return one_line(text, DESCRIPTION_CHARS)

@@ -30,7 +30,7 @@ _SEARCH = re.compile(r"^\s*<{5,9}\s*SEARCH\s*$", re.IGNORECASE)
 _DIVIDER = re.compile(r"^\s*={5,9}\s*$")
 _REPLACE = re.compile(r"^\s*>{5,9}\s*REPLACE\s*$", re.IGNORECASE)
 _FENCE = re.compile(r"^\s*(```|~~~)")
-_DESCRIPTION = re.compile(r"^[\s*_#>`-]*description\s*[*_]*\s*:\s*[*_]*\s*(?P<text>.*?)[\s*_`]*$", re.IGNORECASE)
+DESCRIPTION_LINE = re.compile(r"^[\s*_#>`-]*description\s*[*_]*\s*:\s*[*_]*\s*(?P<text>.*?)[\s*_`]*$", re.IGNORECASE)
 _FILE_LINE = re.compile(r"^[\s#*>`]*(?:file(?:name)?\s*:\s*)?[`*]*(?P<path>[\w./\\-]+\.\w+)[`*:]*\s*$", re.IGNORECASE)
 _ASSIGNMENT = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_.]*)\s*(?::[^=]+)?=\s*(?P<value>.+?)\s*(?:#.*)?$")
 _DEFINITION = re.compile(r"^\s*(?:def|class)\s+(?P<name>\w+)")
@@ -87,7 +87,7 @@ def parse_reply(text: str) -> Reply:
             raise EditError(f"line {i + 1} of your reply (`{line.strip()}`) is outside any block: every block must "
                             "start with a `<<<<<<< SEARCH` line")
         else:
-            match = _DESCRIPTION.match(line)
+            match = DESCRIPTION_LINE.match(line)
             if match and match.group("text").strip():
                 description = match.group("text").strip()
         i += 1

@@ -256,7 +256,7 @@ class LLMProposer:
             time.sleep(wait)
         train = Path(ctx.workspace) / "train.py"
         original = train.read_text()
-        messages = [{"role": "user", "content": llm_prompt(ctx, self.recent_trials)}]
+        messages = [{"role": "user", "content": llm_prompt(ctx, self.recent_trials, original)}]
         totals = {"input_tokens": 0, "output_tokens": 0}
         usage = {"api": self.api, "model": self.model, "requests": 0, **totals, "cost_usd": self.cost(totals),
                  "seconds": 0.0}
@@ -277,7 +277,8 @@ class LLMProposer:
                 for key in totals:
                     totals[key] += tokens[key]
                     usage[key] = totals[key]
-                usage["cost_usd"] = None if self.cost(totals) is None else round(self.cost(totals), 6)
+                cost = self.cost(totals)
+                usage["cost_usd"] = None if cost is None else round(cost, 6)
                 messages.append({"role": "assistant", "content": text if text.strip() else "(an empty reply)"})
                 try:
                     if not text.strip():

@@ -56,13 +56,13 @@ def protocol(workspace: Path) -> str:
     return resources.files("autoresearch").joinpath("templates", "program.md").read_text()
 
 
-def _num(value: float | None, width: int = 8, places: int = 6, signed: bool = False) -> str:
+def _num(value: float | None, signed: bool = False) -> str:
     if value is None:
-        return "-".center(width)
-    return f"{value:+.{places}f}" if signed else f"{value:.{places}f}"
+        return "-".center(8)  # as wide as a number
+    return f"{value:+.6f}" if signed else f"{value:.6f}"
 
 
-def _one_line(text: str, limit: int) -> str:
+def one_line(text: str, limit: int) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -71,14 +71,14 @@ def _outcome(t: Trial) -> str:
     """What became of a candidate, in a few words, for the table."""
     d = t.decision or {}
     if t.status == "crash":
-        return _one_line(t.reason or "crashed", REASON_CHARS)
+        return one_line(t.reason or "crashed", REASON_CHARS)
     if t.val_bpb is None:
-        return _one_line(t.reason or d.get("why", ""), REASON_CHARS)
+        return one_line(t.reason or d.get("why", ""), REASON_CHARS)
     values = d.get("values") or []
     runs = f"mean of {len(values)} runs; " if len(values) > 1 else ""
     if "threshold" in d and "delta" in d:
         return f"{runs}needed a gain over {_num(d['threshold'])}"
-    return _one_line(runs + str(d.get("why", "")), REASON_CHARS)
+    return one_line(runs + str(d.get("why", "")), REASON_CHARS)
 
 
 def _gain(t: Trial) -> float | None:
@@ -87,10 +87,7 @@ def _gain(t: Trial) -> float | None:
 
 
 def _mean_value(t: Trial) -> float | None:
-    values = (t.decision or {}).get("values")
-    if values and all(isinstance(v, (int, float)) for v in values):
-        return statistics.fmean(values)
-    return t.val_bpb
+    return statistics.fmean(t.values) if t.values else None
 
 
 def history_section(ctx: ProposalContext, recent: int = RECENT, older: int = OLDER) -> str:
@@ -125,21 +122,21 @@ def history_section(ctx: ProposalContext, recent: int = RECENT, older: int = OLD
         for t in reversed(earlier[-older:]):
             gain = _gain(t)
             note = f" (gain {gain:+.6f})" if gain is not None else ""
-            out.append(f"- #{t.id} {t.status}{note}: {_one_line(t.description, 100)}")
+            out.append(f"- #{t.id} {t.status}{note}: {one_line(t.description, 100)}")
     out += ["", (f"Last {len(shown)} experiments, oldest first. gain = best val_bpb at the time minus this one's: "
                  "positive is better."), "",
             "| # | status | val_bpb | gain | description | outcome |", "|---|---|---|---|---|---|"]
     for t in shown:
         value, gain = _mean_value(t), _gain(t)
         out.append(f"| {t.id} | {t.status} | {_num(value)} | {_num(gain, signed=True)} | "
-                   f"{_one_line(t.description, 120).replace('|', '/')} | {_outcome(t).replace('|', '/')} |")
+                   f"{one_line(t.description, 120).replace('|', '/')} | {_outcome(t).replace('|', '/')} |")
 
     crashed = [t for t in candidates if t.status == "crash"]
     listed = crashed[-CRASHES:]
     if listed:
         out += ["", "Ideas that crashed, and why (most recent last):"]
         for t in listed:
-            out.append(f"- #{t.id} {_one_line(t.description, 100)}: {_one_line(t.reason or 'crashed', REASON_CHARS)}")
+            out.append(f"- #{t.id} {one_line(t.description, 100)}: {one_line(t.reason or 'crashed', REASON_CHARS)}")
         tail = (listed[-1].trainer_summary or {}).get("log_tail", "")
         lines = [line for line in str(tail).splitlines() if line.strip()][-TAIL_LINES:]
         if lines:
@@ -147,23 +144,26 @@ def history_section(ctx: ProposalContext, recent: int = RECENT, older: int = OLD
     return "\n".join(out)
 
 
-def build_prompt(ctx: ProposalContext, task: str, *, include_train: bool, recent: int = RECENT) -> str:
+def build_prompt(ctx: ProposalContext, task: str, *, train_source: str | None = None, recent: int = RECENT) -> str:
     """program.md, the history, the task and (for an LLM) the current train.py, as one text."""
     parts = ["# The research protocol (program.md)", "", protocol(ctx.workspace).strip(), "",
              history_section(ctx, recent).strip(), "", task.strip()]
-    if include_train:
-        source = (Path(ctx.workspace) / "train.py").read_text()
-        parts += ["", "## The current train.py", "", "```python", source.rstrip("\n"), "```"]
+    if train_source is not None:
+        parts += ["", "## The current train.py", "", "```python", train_source.rstrip("\n"), "```"]
     return "\n".join(parts) + "\n"
 
 
 def agent_prompt(ctx: ProposalContext, description_file: str, recent: int = RECENT) -> str:
     task = AGENT_TASK.format(common=TASK_COMMON, workspace=ctx.workspace, description_file=description_file)
-    return build_prompt(ctx, task, include_train=False, recent=recent)
+    return build_prompt(ctx, task, recent=recent)
 
 
-def llm_prompt(ctx: ProposalContext, recent: int = RECENT) -> str:
-    return build_prompt(ctx, LLM_TASK.format(common=TASK_COMMON), include_train=True, recent=recent)
+def llm_prompt(ctx: ProposalContext, recent: int = RECENT, train_source: str | None = None) -> str:
+    """The LLM's prompt, showing `train_source` (the text its edits will apply to; by default the
+    workspace's train.py)."""
+    if train_source is None:
+        train_source = (Path(ctx.workspace) / "train.py").read_text()
+    return build_prompt(ctx, LLM_TASK.format(common=TASK_COMMON), train_source=train_source, recent=recent)
 
 
 def next_trial_id(ctx: ProposalContext) -> int:

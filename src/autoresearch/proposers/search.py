@@ -202,7 +202,7 @@ class SearchProposer:
         self.storage.set_trial_user_attr(tid, "ledger_status", trial.status)
         if trial.reason:
             self.storage.set_trial_user_attr(tid, "ledger_reason", trial.reason[:300])
-        values = (trial.decision or {}).get("values") or ([trial.val_bpb] if trial.val_bpb is not None else [])
+        values = trial.values
         if trial.status in ("keep", "discard") and values:
             self.study.tell(number, statistics.fmean(values), skip_if_finished=True)
         else:

@@ -192,17 +192,6 @@ class Param:
             return trial.suggest_categorical(self.name, list(self.choices))
         return tuple(e.suggest(trial) for e in self.elements)
 
-    def describe(self) -> str:
-        if self.kind == "choice":
-            return f"one of {list(self.choices)}"
-        if self.kind == "pow2":
-            return f"power of two in [{2 ** int(self.low)}, {2 ** int(self.high)}]"
-        if self.kind == "tuple":
-            return "(" + ", ".join(e.describe() for e in self.elements) + ")"
-        scale = ", log" if self.log else ""
-        step = f", step {self.step:g}" if self.step else ""
-        return f"{self.kind} in [{self.low:g}, {self.high:g}]{scale}{step}"
-
     def options(self) -> int | None:
         """How many values it can take, None for a continuum (used to avoid a no-op edit)."""
         if self.kind == "choice":

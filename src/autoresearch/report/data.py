@@ -384,9 +384,7 @@ class Analysis:
         self.best_values = list(kept.get(best_commit, [])) if best_commit is not None else []
         for x in self.kept_candidates:
             _, before = self.best_before.get(x.id, (None, []))
-            values = [v for v in (x.decision.get("values") or []) if isinstance(v, (int, float))]
-            if not values and x.val_bpb is not None:
-                values = [x.val_bpb]
+            values = x.values
             before = [v for v in (x.decision.get("best_values") or before) if isinstance(v, (int, float))]
             delta = x.decision.get("delta")
             if not isinstance(delta, (int, float)):
