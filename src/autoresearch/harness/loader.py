@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 BUFFER_DOCS = 1000  # documents to choose from when filling a row: more packs tighter, costs more time
-EPOCH_END = None  # marks the end of an epoch in a stream of documents (see pack_rows)
-_EXHAUSTED = object()
+EPOCH_END = object()  # marks the end of an epoch in a stream of documents (see pack_rows)
 
 
 def _epoch_documents(doc_starts: np.ndarray, n_tokens: int, seed: int | None, epoch: int):
@@ -50,8 +49,8 @@ def pack_rows(tokens: np.ndarray, documents: Iterable[tuple[int, int]], row_len:
         while pos < row_len:
             finishing_epoch = finishing_epoch and bool(pieces)
             while not exhausted and not finishing_epoch and len(pieces) < buffer_docs:
-                span = next(docs, _EXHAUSTED)
-                if span is _EXHAUSTED:
+                span = next(docs, None)
+                if span is None:
                     exhausted = True
                 elif span is EPOCH_END:
                     finishing_epoch = bool(pieces)
