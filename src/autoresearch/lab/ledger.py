@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from autoresearch.harness.storage import atomic_path
+
 SCHEMA_VERSION = 1
 RESULTS_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 
@@ -134,7 +136,8 @@ class Ledger:
             "log_path, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
             (kind, commit_sha, parent_sha, proposer, description, diff, seed, log_path, time.time()),
         )
-        self._write_tsv()
+        if self.results_tsv is not None and not self.results_tsv.exists():  # a running row adds no line
+            self._write_tsv()
         return cur.lastrowid
 
     def update(self, trial_id: int, **fields) -> None:
@@ -148,7 +151,9 @@ class Ledger:
             raise ValueError(f"unknown trial fields: {sorted(unknown)}")
         assignments = ", ".join(f"{k} = ?" for k in fields)
         self.db.execute(f"UPDATE trials SET {assignments} WHERE id = ?", (*fields.values(), trial_id))
-        self._write_tsv()
+        row = self.db.execute("SELECT status FROM trials WHERE id = ?", (trial_id,)).fetchone()
+        if "status" in fields or (row is not None and row["status"] != "running"):  # else its line is absent still
+            self._write_tsv()
 
     def trial(self, trial_id: int) -> Trial:
         row = self.db.execute("SELECT * FROM trials WHERE id = ?", (trial_id,)).fetchone()
@@ -196,6 +201,5 @@ class Ledger:
     def _write_tsv(self) -> None:
         if self.results_tsv is None:
             return
-        tmp = self.results_tsv.with_name(f".{self.results_tsv.name}.tmp")
-        tmp.write_text("\n".join(self.results_rows()) + "\n")
-        tmp.replace(self.results_tsv)
+        with atomic_path(self.results_tsv) as tmp:
+            tmp.write_text("\n".join(self.results_rows()) + "\n")

@@ -16,7 +16,7 @@ from .decide import Decision, decide, noise_floor
 from .ledger import Ledger, Trial
 from .proposer import ProposalContext, Proposer
 from .trial import TrialOutcome, kill_trial_processes, run_trial
-from .workspace import Workspace
+from .workspace import CONFIG_FILE, Workspace
 
 
 class LabError(RuntimeError):
@@ -227,7 +227,7 @@ class Lab:
                 self.log(f"stopping: {max_hours:g} hour(s) passed")
                 break
             ledger_before, content_before = self.ledger.snapshot(), self.ledger.content()
-            config_path = self.ws.lab_dir / "config.json"
+            config_path = self.ws.lab_dir / CONFIG_FILE
             config_before = config_path.read_bytes()
             try:
                 description = proposer.propose(self.context())
@@ -238,9 +238,10 @@ class Lab:
                     raise RuntimeError("tampering: the proposer wrote into the ledger or .autoresearch/config.json; "
                                        "both were restored")
             except Exception as e:  # a proposer's failure is recorded; the loop goes on
-                self.ws.reset_to(self.best().commit)
+                best_commit = self.best().commit
+                self.ws.reset_to(best_commit)
                 trial_id = self._begin("candidate", f"proposal failed: {type(e).__name__}", proposer.name,
-                                       None, self.best().commit, usage=getattr(proposer, "last_usage", None))
+                                       None, best_commit, usage=getattr(proposer, "last_usage", None))
                 self.ledger.update(trial_id, status="crash", reason=f"proposer error: {e}")
                 proposer.tell(self.ledger.trial(trial_id))
                 done += 1

@@ -184,12 +184,11 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _log_tail(path: Path) -> str:
+def _read_log(path: Path) -> str:
     try:
-        lines = path.read_text(errors="replace").splitlines()
+        return path.read_text(errors="replace")
     except OSError:
         return ""
-    return "\n".join(lines[-LOG_TAIL_LINES:])
 
 
 def _crash_reason(code: int, tail: str) -> str:
@@ -268,8 +267,9 @@ def run_trial(ws: Workspace, trial_id: int, seed: int | None, ledger_content, st
     code, killed, clock, seconds = run_trainer(ws, out_dir, seed, token, log_path, stop)
     ended = time.monotonic()
     strays = kill_trial_processes(token)
-    tail = _log_tail(log_path)
-    outcome = TrialOutcome(total_seconds=seconds, log_tail=tail, summary=parse_summary(log_path.read_text(errors="replace")))
+    log = _read_log(log_path)
+    tail = "\n".join(log.splitlines()[-LOG_TAIL_LINES:])
+    outcome = TrialOutcome(total_seconds=seconds, log_tail=tail, summary=parse_summary(log))
 
     def crash(reason: str) -> TrialOutcome:
         outcome.reason = reason
