@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import RETRY_SECONDS, Analysis, ReportError, WorkspaceInfo, find_workspace, load, read_ledger
+from .data import RETRY_SECONDS, Analysis, ReportError, WorkspaceInfo, find_workspace, load
 from .html import render_html
 from .plots import render_progress
 from .summary import TERMINAL_DIFF_LINES, markdown
@@ -35,13 +35,16 @@ class ReportResult:
     tests: list[TestResult] = field(default_factory=list)
 
 
+class NoTrials(ReportError):
+    """The workspace has no trial yet: nothing to report, which is not a failure to read it."""
+
+
 def trial_running(ws: WorkspaceInfo) -> bool:
     """Whether a trial is running now (a row the lab left `running` long ago does not count)."""
     try:
-        data = read_ledger(ws.ledger_path, retry_seconds=2.0)
+        return bool(load(ws, retry_seconds=2.0).live_running)
     except ReportError:
         return True  # unsure: behave as if one were
-    return bool(Analysis(ws, data.trials, data.meta, data.read_at).live_running)
 
 
 def make_report(workspace: str | Path | WorkspaceInfo | None = None, out: str | Path | None = None, *,
@@ -51,10 +54,10 @@ def make_report(workspace: str | Path | WorkspaceInfo | None = None, out: str | 
     ws = workspace if isinstance(workspace, WorkspaceInfo) else find_workspace(workspace)
     a = load(ws, retry_seconds)
     if not a.trials:
-        raise ReportError(f"The workspace {ws.root} has no trials yet, so there is nothing to report. "
+        raise NoTrials(f"The workspace {ws.root} has no trials yet, so there is nothing to report. "
                           f"Start the loop with `autoresearch run {ws.root}` (or `autoresearch baseline`).")
     may_write_cache = lambda: not trial_running(ws)  # noqa: E731
-    tests = sealed_test(a, test_eval, log=lambda m: log(m), may_write=may_write_cache)
+    tests = sealed_test(a, test_eval, log=log, may_write=may_write_cache)
     md = markdown(a, tests)
     with tempfile.TemporaryDirectory(prefix="autoresearch-report-") as tmp:
         staging = Path(tmp)
@@ -84,11 +87,9 @@ def report(workspace: str | Path | None = None, out: str | Path | None = None, *
     say = lambda m: print(m, file=stream, flush=True)  # noqa: E731
     try:
         result = make_report(workspace, out, test_eval=test_eval, log=lambda m: print(m, file=sys.stderr, flush=True))
-    except ReportError as e:
-        if "has no trials yet" in str(e):
-            print(f"autoresearch report: {e}", file=sys.stderr)
-            return 1
-        raise
+    except NoTrials as e:
+        print(f"autoresearch report: {e}", file=sys.stderr)
+        return 1
     short = markdown(result.analysis, result.tests, max_diff_lines=TERMINAL_DIFF_LINES)
     say(short.rstrip("\n"))
     say("")

@@ -32,7 +32,7 @@ from importlib import resources
 from pathlib import Path
 
 from .data import (Analysis, LogFollower, ReportError, WorkspaceInfo, downsample, find_workspace, ledger_stamp,
-                   load)
+                   load, read_tail)
 
 DEFAULT_PORT = 8765
 STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
@@ -149,14 +149,7 @@ class DashboardState:
         trial = next((t for t in a.trials if t.id == trial_id), None)
         if trial is None:
             return None
-        tail = ""
-        try:
-            with open(a.ws.log_path(trial), "rb") as f:
-                f.seek(0, 2)
-                f.seek(max(0, f.tell() - LOG_TAIL_BYTES))
-                tail = "\n".join(f.read().decode(errors="replace").splitlines()[-40:])
-        except OSError:
-            pass
+        tail = "\n".join((read_tail(a.ws.log_path(trial), LOG_TAIL_BYTES) or "").splitlines()[-40:])
         return {"id": trial.id, "kind": trial.kind, "status": trial.status, "commit": trial.commit_sha,
                 "parent": trial.parent_sha, "proposer": trial.proposer, "description": trial.description,
                 "diff": trial.diff, "seed": trial.seed, "reason": trial.reason, "decision": trial.decision,

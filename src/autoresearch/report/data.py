@@ -235,15 +235,21 @@ def parse_progress_line(line: str) -> dict | None:
     return point if isinstance(point.get("step"), int) else None
 
 
+def read_tail(path: Path, nbytes: int) -> str | None:
+    """The last `nbytes` of a (growing) log file as text, without reading the rest; None if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - nbytes))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return None
+
+
 def last_progress(log_path: Path, tail_bytes: int = 65536) -> dict | None:
     """The last progress line of a train.log, read from its end only."""
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(0, 2)
-            size = f.tell()
-            f.seek(max(0, size - tail_bytes))
-            text = f.read().decode(errors="replace")
-    except OSError:
+    text = read_tail(log_path, tail_bytes)
+    if text is None:
         return None
     for line in reversed(text.splitlines()):
         point = parse_progress_line(line)
@@ -335,6 +341,14 @@ class KeptChange:
     @property
     def z(self) -> float | None:
         return self.delta / self.se if self.delta is not None and self.se else None
+
+    @property
+    def mean(self) -> float | None:
+        return fmean(self.values)
+
+    @property
+    def mean_before(self) -> float | None:
+        return fmean(self.best_before)
 
 
 @dataclass

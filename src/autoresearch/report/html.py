@@ -105,9 +105,9 @@ def render_html(a: Analysis, tests: list[TestResult], png: Path | None) -> str:
         z = f", {k.z:.1f} SE" if k.z is not None else ""
         kept.append(
             f"<li><b>{esc(signed(k.delta))}</b> bpb{esc(z)} — trial {t.id} <code>{esc(t.short_sha)}</code> "
-            f"{esc(t.description)} <span class=muted>(val_bpb {bpb(sum(k.values) / len(k.values)) if k.values else '-'} "
+            f"{esc(t.description)} <span class=muted>(val_bpb {bpb(k.mean)} "
             f"over {len(k.values)} run(s); best before "
-            f"{bpb(sum(k.best_before) / len(k.best_before)) if k.best_before else '-'}; proposer {esc(t.proposer)})</span>"
+            f"{bpb(k.mean_before)}; proposer {esc(t.proposer)})</span>"
             + (f"<details{' open' if rank <= 3 else ''}><summary>diff</summary>{diff_html(t.diff)}</details>" if t.diff else "")
             + "</li>")
     kept_html = f"<ol>{''.join(kept)}</ol>" if kept else "<p>No change has been kept yet.</p>"

@@ -80,8 +80,8 @@ def kept_lines(a: Analysis, max_diff_lines: int | None) -> list[str]:
         t = k.trial
         z = f", {k.z:.1f} SE" if k.z is not None else ""
         lines.append(f"{rank}. **{signed(k.delta)}** bpb{z} — trial {t.id} `{t.short_sha}` {t.description} "
-                     f"(val_bpb {bpb(sum(k.values) / len(k.values)) if k.values else '-'} over {len(k.values)} run(s), "
-                     f"best before {bpb(sum(k.best_before) / len(k.best_before)) if k.best_before else '-'})")
+                     f"(val_bpb {bpb(k.mean)} over {len(k.values)} run(s), "
+                     f"best before {bpb(k.mean_before)})")
         diff = t.diff.rstrip("\n").splitlines()
         if diff:
             shown = diff if max_diff_lines is None else diff[:max_diff_lines]

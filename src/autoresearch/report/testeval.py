@@ -40,8 +40,6 @@ class TestResult:
     test_bpb: float | None = None
     trial_id: int | None = None
     note: str = ""  # why there is no number, or where a cached one came from
-    cached: bool = False
-    seconds: float | None = None
 
 
 def cache_path(ws: WorkspaceInfo) -> Path:
@@ -123,8 +121,7 @@ def sealed_test(a: Analysis, mode: str = "auto", log=None, may_write=lambda: Tru
         entry = cache.get(commit)
         if isinstance(entry, dict) and isinstance(entry.get("test_bpb"), (int, float)):
             results.append(TestResult(role, commit, entry["test_bpb"], entry.get("trial"),
-                                      f"evaluated {time.strftime('%Y-%m-%d %H:%M', time.localtime(entry.get('evaluated_at', 0)))}",
-                                      cached=True, seconds=entry.get("seconds")))
+                                      f"evaluated {time.strftime('%Y-%m-%d %H:%M', time.localtime(entry.get('evaluated_at', 0)))}"))
             continue
         trial_id, checkpoint = _checkpoint_for(a, commit, prefer)
         if checkpoint is None:
@@ -153,7 +150,7 @@ def sealed_test(a: Analysis, mode: str = "auto", log=None, may_write=lambda: Tru
                          "seconds": seconds, "eval_tokens": result.get("eval_tokens"),
                          "hardware": result.get("hardware", {})}
         changed = True
-        results.append(TestResult(role, commit, result["val_bpb"], trial_id, "evaluated now", seconds=seconds))
+        results.append(TestResult(role, commit, result["val_bpb"], trial_id, "evaluated now"))
     if changed:
         if may_write():
             write_cache(a.ws, cache)
