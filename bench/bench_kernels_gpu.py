@@ -19,8 +19,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from bench_train_gpu import load_template  # a script beside this one
 
 B, T, H, D, WIDTH, VOCAB, WINDOW = 128, 2048, 4, 128, 512, 8192, 1024
+TRAIN = load_template({})  # the shipped train.py, for the pieces that are its own functions
 
 
 def timed(fn, iters, warmup=3):
@@ -134,10 +136,8 @@ def softcap_pieces(iters):
 
 
 def rope_norm(x, cos, sin):
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    x = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return F.rms_norm(x, (x.size(-1),))
+    """RoPE, then QK-norm, as the shipped train.py does them."""
+    return TRAIN.norm(TRAIN.rotate(x, cos, sin))
 
 
 def qkv_pieces(iters):

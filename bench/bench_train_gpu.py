@@ -99,48 +99,41 @@ def run_one(name, steps, warmup, data, profile=False):
     with autocast, torch.no_grad():
         eager = F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
     torch.cuda.reset_peak_memory_stats()  # the eager check above is no part of training
-    times, opt_times, compiled_first = [], [], None
+    times, opt_times = [], []
     t_first = time.perf_counter()
 
-    def train_step(step):
+    def forward_backward():
+        """One optimizer step's gradient accumulation; the micro-batches' losses."""
         nonlocal x, y
+        losses = []
         for _ in range(grad_accum):
             with autocast:
-                loss = loss_fn(x, y)
-            (loss / grad_accum).backward()
+                losses.append(loss_fn(x, y))
+            (losses[-1] / grad_accum).backward()
             x, y = next(batches)
+        return losses
+
+    def optimizer_step(step):
         for group in opt.param_groups:
             if group["kind"] == "muon":
                 group["momentum"], group["weight_decay"] = t.muon_momentum(step), t.WEIGHT_DECAY
         opt.step()
         model.zero_grad(set_to_none=True)
-        return loss.item()
 
     for step in range(warmup + steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for _ in range(grad_accum):
-            with autocast:
-                loss = loss_fn(x, y)
-            if compiled_first is None:
-                compiled_first = loss.item()
-            (loss / grad_accum).backward()
-            x, y = next(batches)
+        losses = forward_backward()
         torch.cuda.synchronize()
         t1 = time.perf_counter()
-        if step == 0:
-            first_fwd_bwd_s = t1 - t_first
-        for group in opt.param_groups:
-            if group["kind"] == "muon":
-                group["momentum"], group["weight_decay"] = t.muon_momentum(step), t.WEIGHT_DECAY
-        opt.step()
-        model.zero_grad(set_to_none=True)
-        loss_f = loss.item()
+        optimizer_step(step)
+        loss_f = losses[-1].item()
         t2 = time.perf_counter()
         times.append(t2 - t0)
         opt_times.append(t2 - t1)
         if step == 0:
-            first_step_s, first_optimizer_s = t2 - t_first, t2 - t1
+            compiled_first = losses[0].item()
+            first_fwd_bwd_s, first_step_s, first_optimizer_s = t1 - t_first, t2 - t_first, t2 - t1
             from torch._dynamo.utils import compile_times
 
             print(compile_times(repr="str"), file=sys.stderr, flush=True)
@@ -149,7 +142,8 @@ def run_one(name, steps, warmup, data, profile=False):
         from torch.profiler import profile as torch_profile
 
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-            train_step(warmup + steps)
+            forward_backward()
+            optimizer_step(warmup + steps)
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
         print(table, file=sys.stderr, flush=True)

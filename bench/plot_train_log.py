@@ -6,7 +6,6 @@ Plots the smoothed training loss against counted training time, with the learnin
 on a second axis; the summary block's val_bpb goes into the title when the log has one.
 """
 import argparse
-import re
 from pathlib import Path
 
 import matplotlib
@@ -14,23 +13,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-LINE = re.compile(r"^train step=(\d+) progress_pct=([\d.]+) loss=([\d.]+) lrm=([\d.]+)")
+from autoresearch.lab.trial import parse_summary  # noqa: E402
+from autoresearch.report.data import parse_progress_line  # noqa: E402
 
 
 def read_log(path):
-    steps, progress, loss, lrm = [], [], [], []
-    summary = {}
-    for line in Path(path).read_text().splitlines():
-        m = LINE.match(line)
-        if m:
-            steps.append(int(m[1]))
-            progress.append(float(m[2]))
-            loss.append(float(m[3]))
-            lrm.append(float(m[4]))
-        elif re.match(r"^\w+:\s+\S+$", line):
-            key, value = line.split(":", 1)
-            summary[key] = value.strip()
-    return steps, progress, loss, lrm, summary
+    """The progress points of a train.py log and its summary block, parsed as the lab and report do."""
+    text = Path(path).read_text(errors="replace")
+    points = [p for p in map(parse_progress_line, text.splitlines()) if p and p.get("loss") is not None]
+    return points, parse_summary(text)
 
 
 def main():
@@ -39,11 +30,12 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--title", default="train.py")
     args = ap.parse_args()
-    steps, progress, loss, lrm, summary = read_log(args.log)
-    if not steps:
+    points, summary = read_log(args.log)
+    if not points:
         raise SystemExit(f"{args.log}: no `train step=` lines")
-    budget = float(summary.get("training_seconds", 100.0))
-    seconds = [p / 100 * budget for p in progress]
+    budget = summary.get("training_seconds", 100.0)
+    seconds = [p["progress_pct"] / 100 * budget for p in points]
+    loss, lrm = [p["loss"] for p in points], [p["lrm"] for p in points]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(seconds, loss, color="tab:blue", label="training loss (smoothed)")
     ax.set_xlabel("training seconds (the lab's clock)")
@@ -56,13 +48,13 @@ def main():
     lr_ax.set_ylim(0, 1.05)
     title = args.title
     if "val_bpb" in summary:
-        title += f": val_bpb {float(summary['val_bpb']):.4f} after {summary.get('num_steps', steps[-1])} steps"
+        title += f": val_bpb {summary['val_bpb']:.4f} after {summary.get('num_steps', points[-1]['step']):.0f} steps"
     ax.set_title(title)
     lines = ax.get_lines() + lr_ax.get_lines()
     ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
-    print(f"wrote {args.out} ({len(steps)} points)")
+    print(f"wrote {args.out} ({len(points)} points)")
 
 
 if __name__ == "__main__":
