@@ -1,12 +1,30 @@
-"""Shared by the lab's specifications: workspaces around the tiny real trainer."""
+"""Shared by the specifications: the shipped train.py template, the tiny real trainer, and
+workspaces around it."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
+import autoresearch
 from autoresearch.lab.decide import DecisionRule
 from autoresearch.lab.workspace import Workspace
 
+TEMPLATE = Path(autoresearch.__file__).parent / "templates" / "train.py"
 TINY_TRAINER = (Path(__file__).parent / "trainers" / "tiny_train.py").read_text()
+
+
+def load_script(path: Path = TEMPLATE, name: str = "train_under_test"):
+    """A trainer script imported as a module (its training sits behind `__name__ == "__main__"`)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+EDITS = [  # for the scripted proposer, on the tiny trainer: a clear gain, a clear loss, a crash
+    {"description": "LR 0.003 -> 0.03", "replace": [["LR = 0.003", "LR = 0.03"]]},
+    {"description": "DIM 32 -> 2", "replace": [["DIM = 32", "DIM = 2"]]},
+    {"description": "divide by zero", "replace": [["    run.training_started()\n",
+                                                    "    run.training_started()\n    1 / 0\n"]]},
+]
 
 
 def variant(*replacements: tuple[str, str]) -> str:
@@ -16,6 +34,14 @@ def variant(*replacements: tuple[str, str]) -> str:
         assert old in text, old
         text = text.replace(old, new, 1)
     return text
+
+
+def alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie waiting for a parent that does not reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def make_workspace(root: Path, data, trainer: str = TINY_TRAINER, *, budget: float = 2.0,

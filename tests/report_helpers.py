@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from autoresearch.lab.ledger import Ledger
-from lab_helpers import make_workspace, variant
+from lab_helpers import EDITS, make_workspace, variant
 
 # The tiny trainer, printing train.py's progress line every 0.2 s (the status view and the
 # dashboard read the running trial's step, loss and time left from it).
@@ -28,12 +28,6 @@ PROGRESS_TRAINER = variant(
      "                  f\"mfu_pct=0.0 epoch=0 remaining_s={max(0.0, run.time_budget - elapsed):.0f}\", flush=True)\n"),
 )
 
-EDITS = [  # a clear gain, a clear loss, a crash
-    {"description": "LR 0.003 -> 0.03", "replace": [["LR = 0.003", "LR = 0.03"]]},
-    {"description": "DIM 32 -> 2", "replace": [["DIM = 32", "DIM = 2"]]},
-    {"description": "divide by zero", "replace": [["    run.training_started()\n",
-                                                    "    run.training_started()\n    1 / 0\n"]]},
-]
 
 def build_research_workspace(root: Path, data) -> Path:
     """Baseline (2 seeds), then a kept, a discarded and a crashed candidate: 5 trials, by the real loop."""

@@ -19,11 +19,11 @@ import pytest
 from autoresearch.lab.ledger import Ledger, Trial
 from autoresearch.lab.loop import Lab
 from autoresearch.lab.proposer import ProposalContext
-from autoresearch.lab.workspace import git
+from autoresearch.lab.workspace import GITIGNORE, git
 from autoresearch.proposers.agent import PRESETS, AgentError, AgentProposer
 from autoresearch.proposers.prompt import (agent_prompt, backoff_seconds, consecutive_failures, history_section,
                                            llm_prompt)
-from lab_helpers import TINY_TRAINER, make_workspace
+from lab_helpers import TINY_TRAINER, alive, make_workspace
 
 AGENTS = Path(__file__).parent / "agents"
 PROGRAM = (Path(__file__).parents[1] / "src" / "autoresearch" / "templates" / "program.md").read_text()
@@ -64,7 +64,7 @@ def repo(tmp_path) -> Path:
     git(root, "config", "user.email", "t@localhost")
     (root / "train.py").write_text(TINY_TRAINER)
     (root / "program.md").write_text(PROGRAM)
-    (root / ".gitignore").write_text("results.tsv\n.autoresearch/\n__pycache__/\nrun_output/\n")
+    (root / ".gitignore").write_text(GITIGNORE)
     git(root, "add", ".")
     git(root, "commit", "-qm", "baseline")
     return root
@@ -91,16 +91,7 @@ def status(root: Path) -> list[str]:
 
 
 def pids_alive(path: Path) -> list[int]:
-    alive = []
-    for pid in map(int, path.read_text().split()) if path.exists() else []:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().split(") ", 1)[1].startswith("Z"):  # a zombie has finished
-                    continue
-            alive.append(pid)
-        except (FileNotFoundError, IndexError):
-            pass
-    return alive
+    return [pid for pid in map(int, path.read_text().split()) if alive(pid)] if path.exists() else []
 
 
 # --- the prompt ---------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from autoresearch.lab.trial import run_trial
-from lab_helpers import TINY_TRAINER, make_workspace, variant
+from lab_helpers import TINY_TRAINER, alive, make_workspace, variant
 
 
 def trial(tmp_path, data, trainer, **config):
@@ -73,14 +73,6 @@ def test_training_before_the_clock_starts_is_caught(tmp_path, cpu_prepared):
                      "        model(inputs).sum().backward()\n    run.training_started()\n"))
     _, outcome = trial(tmp_path, cpu_prepared, early, warmup_cap_seconds=2.0)
     assert outcome.reason.startswith("over budget: warm-up took")
-
-
-def alive(pid: int) -> bool:
-    """Running, as opposed to gone or a zombie waiting for a parent that does not reap it."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_a_child_process_left_running_is_killed_and_reported(tmp_path, cpu_prepared):

@@ -16,15 +16,7 @@ import pytest
 from autoresearch.lab.ledger import RESULTS_HEADER, Ledger
 from autoresearch.lab.loop import Lab
 from autoresearch.lab.workspace import git
-from lab_helpers import make_workspace
-
-EDITS = [  # for the scripted proposer: a clear gain, a clear loss, a crash
-    {"description": "LR 0.003 -> 0.03", "replace": [["LR = 0.003", "LR = 0.03"]]},
-    {"description": "DIM 32 -> 2", "replace": [["DIM = 32", "DIM = 2"]]},
-    {"description": "divide by zero", "replace": [["    run.training_started()\n",
-                                                    "    run.training_started()\n    1 / 0\n"]]},
-]
-
+from lab_helpers import EDITS, make_workspace
 
 def autoresearch(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "autoresearch", *args], cwd=cwd, capture_output=True,

@@ -4,24 +4,17 @@ Muon: Nesterov momentum, Polar Express orthogonalisation (bf16 in the script), N
 normalisation, cautious weight decay, lr scaled by sqrt(max(1, rows/cols)). AdamW: bias-corrected
 Adam with decoupled weight decay, per group.
 """
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-import autoresearch
-
-TEMPLATE = Path(autoresearch.__file__).parent / "templates" / "train.py"
+from lab_helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def train():
-    spec = importlib.util.spec_from_file_location("train_template_under_test", TEMPLATE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(name="train_template_under_test")
 
 
 # ---- float64 references ----------------------------------------------------------------------

@@ -8,7 +8,6 @@ edit (divergence, syntax error, out of memory) ends non-zero with a message a pr
 """
 import ast
 import dataclasses
-import importlib.util
 import json
 import os
 import re
@@ -21,8 +20,8 @@ import torch
 
 import autoresearch
 from autoresearch import harness
+from lab_helpers import TEMPLATE, load_script
 
-TEMPLATE = Path(autoresearch.__file__).parent / "templates" / "train.py"
 SRC = Path(autoresearch.__file__).parent.parent
 CONSTANTS = ("DEPTH ASPECT_RATIO HEAD_DIM N_KV_HEAD WINDOW_PATTERN TOTAL_BATCH_SIZE DEVICE_BATCH_SIZE EMBEDDING_LR "
              "UNEMBEDDING_LR MATRIX_LR SCALAR_LR WEIGHT_DECAY ADAM_BETAS WARMUP_RATIO WARMDOWN_RATIO FINAL_LR_FRAC SEED").split()
@@ -38,16 +37,9 @@ def render_profile(profile_name: str, extra: dict | None = None) -> str:
     return harness.render_trainer(dataclasses.replace(profile, trainer=extra), source=text) if extra else text
 
 
-def load(path: Path = TEMPLATE, name: str = "train_under_test"):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def train():
-    return load()
+    return load_script()
 
 
 def small_config(**kw):
@@ -92,7 +84,7 @@ def test_import_does_not_train(monkeypatch):
         raise AssertionError("importing train.py must not start a run")
 
     monkeypatch.setattr(harness, "start_run", refuse)
-    module = load(name="train_import_only")
+    module = load_script(name="train_import_only")
     assert callable(module.build_model) and callable(module.main)
 
 
@@ -265,7 +257,7 @@ def test_short_cpu_run_end_to_end(tmp_path, cpu_data, monkeypatch):
 
     # The lab rebuilds the model from the checkpoint in a process of its own and scores it: the same number.
     ckpt = torch.load(tmp_path / "out" / "checkpoint.pt", map_location="cpu", weights_only=True)
-    model = load(tmp_path / "train.py", name="train_rebuilt").build_model(ckpt["config"])
+    model = load_script(tmp_path / "train.py", name="train_rebuilt").build_model(ckpt["config"])
     assert model.load_state_dict(ckpt["state_dict"]) is not None
     from autoresearch.harness.evaluate import evaluate_checkpoint
 
