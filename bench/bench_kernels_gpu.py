@@ -7,9 +7,10 @@ a whole model's. Run with an empty Inductor cache to see cold compile times:
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) PYTHONPATH=src python bench/bench_kernels_gpu.py --json out.json
 
 Pieces (--only): attention (cuDNN full-causal, PyTorch's FlashAttention-2 full and windowed,
-FlexAttention windowed with kernel options), softcap (the head's soft-capped cross-entropy, tanh
-against the same function through a sigmoid), qkv (three projections against one on the stacked
-weights, with RoPE and QK-norm after), mlp (ReLU squared, default compile against max-autotune).
+FlexAttention windowed with kernel options, windows stitched exactly from two causal cuDNN or
+FlashAttention-2 calls), softcap (the head's soft-capped cross-entropy, tanh against the same
+function through a sigmoid), qkv (three projections against one on the stacked weights, with RoPE
+and QK-norm after), mlp (ReLU squared, default compile against max-autotune).
 """
 import argparse
 import json
@@ -57,6 +58,83 @@ def fwd_bwd(forward, inputs, grads):
     return run
 
 
+def causal_attention(q, k, v, kernel):
+    """Causal attention of (N, H, L, D) tensors, and each query's log-sum-exp of scores (N, H, L)."""
+    if kernel == "cudnn":
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, is_causal=True)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, is_causal=True)[:2]
+    return out, lse.view(q.shape[:3])
+
+
+def causal_attention_backward(dout, q, k, v, out, lse, kernel):
+    """Gradients of causal attention for q, k and v, given the output and log-sum-exps to use."""
+    L, lse = q.size(2), lse.contiguous()
+    no_rng = torch.empty((), dtype=torch.long, device=q.device)  # no dropout, no RNG state
+    if kernel == "cudnn":
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse.unsqueeze(-1), no_rng, no_rng, None, None, None, L, L, 0.0, True)
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dout, q, k, v, out, lse, None, None, L, L, 0.0, True, no_rng, no_rng)
+
+
+def split_blocks(x, window):  # (B, H, T, D) -> (B, T/window, window, H, D), a view
+    return x.transpose(1, 2).unflatten(1, (x.size(2) // window, window))
+
+
+def join_blocks(x):  # the inverse of split_blocks
+    return x.flatten(1, 2).transpose(1, 2)
+
+
+def kernel_layout(x):  # (B, n, W, H, ...) -> (B n, H, W, ...): each block a sequence of its own
+    return x.flatten(0, 1).transpose(1, 2)
+
+
+def block_layout(x, B):  # the inverse of kernel_layout
+    return x.transpose(1, 2).unflatten(0, (B, -1))
+
+
+class StitchedWindowAttention(torch.autograd.Function):
+    """Sliding-window attention (a query sees itself and the `window` keys before it; window divides
+    T), exactly, from two calls of an exact causal kernel. Cut the sequence into blocks of `window`:
+    a query at offset a of block b sees its own block up to a (causal) and block b-1 from a on
+    (causal once both blocks are reversed). The two partial softmaxes merge through their
+    log-sum-exps; given the merged output and log-sum-exp, each part's backward gives its exact
+    share of the gradient, as in ring attention. Measured against FlexAttention, not adopted."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window, kernel):
+        B = q.size(0)
+        qb, kb, vb = (split_blocks(x, window) for x in (q, k, v))
+        own_out, own_lse = causal_attention(*(kernel_layout(x) for x in (qb, kb, vb)), kernel)
+        prev_out, prev_lse = causal_attention(
+            *(kernel_layout(x.flip(2)) for x in (qb[:, 1:], kb[:, :-1], vb[:, :-1])), kernel)
+        own_out, own_lse = block_layout(own_out, B), block_layout(own_lse, B)
+        prev_out, prev_lse = block_layout(prev_out, B).flip(2), block_layout(prev_lse, B).flip(2)
+        lse = torch.logaddexp(own_lse[:, 1:], prev_lse)
+        mixed = (own_out[:, 1:] * (own_lse[:, 1:] - lse).exp().unsqueeze(-1)
+                 + prev_out * (prev_lse - lse).exp().unsqueeze(-1))
+        out = torch.cat([own_out[:, :1], mixed.to(q.dtype)], dim=1)
+        lse = torch.cat([own_lse[:, :1], lse], dim=1)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.window, ctx.kernel = window, kernel
+        return join_blocks(out)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        B = q.size(0)
+        qb, kb, vb, db = (split_blocks(x, ctx.window) for x in (q, k, v, dout))
+        own = causal_attention_backward(*(kernel_layout(x) for x in (db, qb, kb, vb, out, lse)), ctx.kernel)
+        prev = causal_attention_backward(*(kernel_layout(x.flip(2)) for x in (
+            db[:, 1:], qb[:, 1:], kb[:, :-1], vb[:, :-1], out[:, 1:], lse[:, 1:])), ctx.kernel)
+        (dq, dk, dv), (pq, pk, pv) = (block_layout(g, B) for g in own), (block_layout(g, B).flip(2) for g in prev)
+        dq = torch.cat([dq[:, :1], dq[:, 1:] + pq], dim=1)  # queries of block b also saw block b-1
+        dk = torch.cat([dk[:, :-1] + pk, dk[:, -1:]], dim=1)  # keys of block b were also seen from b+1
+        dv = torch.cat([dv[:, :-1] + pv, dv[:, -1:]], dim=1)
+        return join_blocks(dq), join_blocks(dk), join_blocks(dv), None, None
+
+
 def attention_pieces(iters):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -71,13 +149,20 @@ def attention_pieces(iters):
                                                   is_causal=True).transpose(1, 2)
 
     def flash(window):
-        def run(q, k, v):  # (B, T, H, D) in and out; keys j with i - window < j <= i
+        def run(q, k, v):  # (B, T, H, D) in and out; keys j with i - window <= j <= i
             return torch.ops.aten._flash_attention_forward(
-                q, k, v, None, None, T, T, 0.0, True, False, window_size_left=window - 1, window_size_right=0)[0]
+                q, k, v, None, None, T, T, 0.0, True, False, window_size_left=window, window_size_right=0)[0]
 
         return run
 
-    mask = create_block_mask(lambda b, h, qi, ki: (ki <= qi) & (qi - ki < WINDOW), None, None, T, T, device="cuda")
+    def stitched(kernel):  # StitchedWindowAttention over that causal kernel, compiled as train.py is
+        def run(q, k, v):
+            return StitchedWindowAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), WINDOW,
+                                                 kernel).transpose(1, 2)
+
+        return torch.compile(run, dynamic=False)
+
+    mask = create_block_mask(lambda b, h, qi, ki: (ki <= qi) & (qi - ki <= WINDOW), None, None, T, T, device="cuda")
 
     def flex(options):
         def run(q, k, v):
@@ -91,6 +176,8 @@ def attention_pieces(iters):
         "flash2 full-causal": flash(T),
         f"flash2 window {WINDOW}": flash(WINDOW),
         f"flex window {WINDOW}": flex({}),
+        f"cudnn stitched window {WINDOW}": stitched("cudnn"),
+        f"flash2 stitched window {WINDOW}": stitched("flash"),
         f"flex window {WINDOW}, USE_TMA": flex({"USE_TMA": True}),
         f"flex window {WINDOW}, ROWS_GUARANTEED_SAFE": flex({"ROWS_GUARANTEED_SAFE": True}),
     }
@@ -103,7 +190,9 @@ def attention_pieces(iters):
             results[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
         print(name, results[name], flush=True)
     # Same function on every path: the largest difference from a reference path, output and gradients.
-    for name, ref in [("flash2 full-causal", "cudnn full-causal"), (f"flash2 window {WINDOW}", f"flex window {WINDOW}")]:
+    for name, ref in [("flash2 full-causal", "cudnn full-causal"), (f"flash2 window {WINDOW}", f"flex window {WINDOW}"),
+                      (f"cudnn stitched window {WINDOW}", f"flex window {WINDOW}"),
+                      (f"flash2 stitched window {WINDOW}", f"flex window {WINDOW}")]:
         if name in outputs and ref in outputs:
             results[name]["max_abs_diff_vs_" + ref] = max((a - b).abs().max().item() for a, b in zip(outputs[name], outputs[ref]))
     return results

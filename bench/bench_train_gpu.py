@@ -14,7 +14,9 @@ sliding windows), ref-warm (ref again on the compile cache ref left), L (every l
 cuDNN), the same two with PyTorch's default SDPA backend order (-default-sdpa), ref-b64 (device batch
 64, 4 accumulation steps), ref-cdt (Inductor's coordinate-descent tuning), ma (Inductor's
 max-autotune: Triton GEMMs with fused epilogues) and flex-autotune (max-autotune of FlexAttention's
-kernels alone); the last three compile for minutes and run only when named. --template measures
+kernels alone), which compile for minutes; cudagraphs (Inductor's CUDA graphs, as
+mode="reduce-overhead"), fast-math and two-pass-softmax (Inductor options for the fused
+elementwise kernels). These last six run only when named. --template measures
 another train.py, such as an older one, side by side. --profile prints a CUDA kernel table of one
 step.
 """
@@ -42,7 +44,11 @@ VARIANTS = {
     "ma": dict(overrides={}, cudnn=True, inductor={"max_autotune": True}),
     # max-autotune with cuBLAS as the only GEMM: only FlexAttention's kernel configurations are tuned.
     "flex-autotune": dict(overrides={}, cudnn=True, inductor={"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}),
+    "cudagraphs": dict(overrides={}, cudnn=True, inductor={"triton.cudagraphs": True}, cudagraphs=True),  # mode="reduce-overhead"
+    "fast-math": dict(overrides={}, cudnn=True, inductor={"use_fast_math": True}),
+    "two-pass-softmax": dict(overrides={}, cudnn=True, inductor={"online_softmax": False}),
 }
+NAMED_ONLY = ("ref-cdt", "ma", "flex-autotune", "cudagraphs", "fast-math", "two-pass-softmax")
 
 
 def load_template(overrides):
@@ -107,9 +113,12 @@ def run_one(name, steps, warmup, data, profile=False):
         nonlocal x, y
         losses = []
         for _ in range(grad_accum):
+            if variant.get("cudagraphs"):
+                torch.compiler.cudagraph_mark_step_begin()  # each micro-batch a new replay
             with autocast:
-                losses.append(loss_fn(x, y))
-            (losses[-1] / grad_accum).backward()
+                loss = loss_fn(x, y)
+            (loss / grad_accum).backward()
+            losses.append(loss.detach().clone())  # a CUDA graph's output is overwritten by its next replay
             x, y = next(batches)
         return losses
 
@@ -181,7 +190,7 @@ def run_one(name, steps, warmup, data, profile=False):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    quick = [name for name in VARIANTS if name not in ("ref-cdt", "ma", "flex-autotune")]
+    quick = [name for name in VARIANTS if name not in NAMED_ONLY]
     ap.add_argument("--variants", default=",".join(quick))
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation)")

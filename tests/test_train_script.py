@@ -181,17 +181,17 @@ def test_attention_paths_agree(train, window, kv_heads):
     if window < T:
         flex = flex_attention(q, k, v, block_mask=model.block_masks[window], enable_gqa=kv_heads != H)
         assert torch.allclose(flex, plain, atol=1e-5)
-    # The window is exactly `window` keys, the query itself included.
+    # The query sees itself and the `window` keys before it, as FlashAttention's window_size=(window, 0).
     mask = train.window_mask(T, window, "cpu")
-    assert mask.sum(dim=1).tolist() == [min(i + 1, window) for i in range(T)]
+    assert mask.sum(dim=1).tolist() == [min(i + 1, window + 1) for i in range(T)]
 
 
 def test_window_changes_the_function(train):
     torch.manual_seed(3)
     q, k, v = torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8)
     full, short = train.attention(q, k, v, 32), train.attention(q, k, v, 8)
-    assert torch.allclose(full[:, :, :8], short[:, :, :8], atol=1e-6)  # identical while i < window
-    assert not torch.allclose(full[:, :, 8:], short[:, :, 8:], atol=1e-3)
+    assert torch.allclose(full[:, :, :9], short[:, :, :9], atol=1e-6)  # identical while i <= window
+    assert not torch.allclose(full[:, :, 9], short[:, :, 9], atol=1e-3)  # query 9 no longer sees key 0
 
 
 def test_schedules(train):

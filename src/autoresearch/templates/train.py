@@ -81,15 +81,16 @@ def rotate(x, cos, sin):
 
 
 def window_mask(T, window, device):
-    """(T, T) bool, True where query i may see key j: j <= i and i - j < window."""
+    """(T, T) bool, True where query i may see key j: itself and the `window` keys before it, as
+    FlashAttention's window_size=(window, 0) in the reference."""
     i = torch.arange(T, device=device)[:, None]
     j = torch.arange(T, device=device)[None, :]
-    return (j <= i) & (i - j < window)
+    return (j <= i) & (i - j <= window)
 
 
 def attention(q, k, v, window, path="sdpa", block_mask=None):
-    """Causal attention on (B, H, T, D) tensors; each query sees its `window` latest keys, itself
-    included. Every path computes the same function; they differ in speed only.
+    """Causal attention on (B, H, T, D) tensors; each query sees itself and the `window` keys before
+    it. Every path computes the same function; they differ in speed only.
       flex:  FlexAttention with a block-sparse mask (sliding windows; needs torch.compile)
       sdpa:  scaled_dot_product_attention (cuDNN/flash for full causal, an explicit mask otherwise)
       plain: softmax(q k^T / sqrt(D)) v in fp32, the reference the tests compare against
@@ -221,7 +222,7 @@ class GPT(nn.Module):
         T = self.config["seq_len"]
         for w in set(self.windows) - {T}:
             def mask_mod(b, h, q_idx, kv_idx, w=w):
-                return (kv_idx <= q_idx) & (q_idx - kv_idx < w)
+                return (kv_idx <= q_idx) & (q_idx - kv_idx <= w)
 
             self.block_masks[w] = create_block_mask(mask_mod, None, None, T, T, device=device)
         self.attn_path = "flex"
@@ -275,7 +276,7 @@ def flops_per_token(model, exact=False):
     T, qdim = cfg["seq_len"], cfg["n_head"] * cfg["head_dim"]
     keys = 0.0
     for w in model.windows:
-        keys += sum(min(i + 1, w) for i in range(T)) / T if exact else min(w, T)
+        keys += sum(min(i + 1, w + 1) for i in range(T)) / T if exact else min(w, T)
     return 6 * dense + 12 * qdim * keys
 
 
