@@ -48,9 +48,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Path(args.trainer).read_text() if args.trainer else None
         ws = Workspace.create(Path(tmp) / "ws", tag="bench", profile=profile.name, data=data,
-                              rule=DecisionRule(baseline_runs=1, drift_every=0), trainer_source=trainer)
-        ws.config["time_budget"] = args.budget
-        ws.save_config()
+                              rule=DecisionRule(baseline_runs=1, drift_every=0), trainer_source=trainer,
+                              time_budget=args.budget)
         lab = Lab(ws, log=lambda msg: print(msg, flush=True))
         lab.baseline()
         rows = []

@@ -26,7 +26,6 @@ import datetime
 import json
 import platform
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -60,12 +59,11 @@ def baseline_workspace(out: Path, args) -> Path:
             shutil.rmtree(root)
         trainer = Path(args.trainer).read_text() if args.trainer else render_trainer(get_profile(args.profile))
         ws = Workspace.create(root, tag="bench", profile=args.profile, data=prepared_data(args.profile),
-                              trainer_source=trainer,
+                              trainer_source=trainer, time_budget=args.budget,
                               rule=DecisionRule(baseline_runs=args.baseline_runs, drift_every=0))
-        ws.config["time_budget"] = args.budget
         if args.training_tolerance is not None:
             ws.config["training_tolerance"] = args.training_tolerance
-        ws.save_config()
+            ws.save_config()
     ws = Workspace.open(root)
     lab = Lab(ws, log=lambda m: log(f"baseline: {m}"))
     try:
@@ -104,28 +102,16 @@ def arm(out: Path, base: Path, sampler: str, args) -> Path:
 
 def curve(root: Path) -> dict:
     """Per candidate: its own val_bpb (mean of its runs) and the lab's best after it."""
-    from autoresearch.lab.ledger import Ledger
+    from autoresearch.report.data import fmean, load
 
-    ledger = Ledger(root / ".autoresearch" / "ledger.db")
-    try:
-        trials = ledger.trials()
-        sigma = ledger.get_meta("sigma")
-    finally:
-        ledger.close()
-    base = [t.val_bpb for t in trials if t.kind == "baseline" and t.status == "keep"]
-    best_commit, best_values = None, list(base)
-    rows = []
-    for t in trials:
-        if t.kind != "candidate":
-            continue
-        values = t.decision.get("values") or ([t.val_bpb] if t.val_bpb is not None else [])
-        if t.status == "keep":
-            best_commit, best_values = t.commit_sha, list(values)
-        rows.append({"id": t.id, "description": t.description, "status": t.status,
-                     "val_bpb": statistics.fmean(values) if values else None, "runs": len(values),
-                     "best": statistics.fmean(best_values), "seconds": (t.ended_at or t.started_at) - t.started_at})
-    return {"baseline": base, "baseline_mean": statistics.fmean(base), "sigma": sigma, "trials": rows,
-            "best_commit": best_commit}
+    a = load(root)
+    # The lab's best once a candidate and its reruns are done: what the next one was measured against.
+    bests = [fmean(a.best_before[t.id][1]) for t in a.candidates[1:]] + [a.best_mean]
+    rows = [{"id": t.id, "description": t.description, "status": t.status, "val_bpb": fmean(t.values),
+             "runs": len(t.values), "best": best, "seconds": (t.ended_at or t.started_at) - t.started_at}
+            for t, best in zip(a.candidates, bests)]
+    return {"baseline": a.baseline_values, "baseline_mean": a.baseline_mean, "sigma": a.sigma, "trials": rows,
+            "best_commit": a.best_commit}
 
 
 def plot(results: dict, path: Path) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import autoresearch
 from autoresearch.lab.decide import DecisionRule
+from autoresearch.lab.ledger import Trial
 from autoresearch.lab.workspace import Workspace
 
 TEMPLATE = Path(autoresearch.__file__).parent / "templates" / "train.py"
@@ -46,8 +47,19 @@ def alive(pid: int) -> bool:
 
 def make_workspace(root: Path, data, trainer: str = TINY_TRAINER, *, budget: float = 2.0,
                    baseline_runs: int = 2, **config) -> Workspace:
-    ws = Workspace.create(root, tag="test", profile="cpu", data=data, trainer_source=trainer,
+    ws = Workspace.create(root, tag="test", profile="cpu", data=data, trainer_source=trainer, time_budget=budget,
                           rule=DecisionRule(baseline_runs=baseline_runs, drift_every=0))
-    ws.config.update({"time_budget": budget, **config})
-    ws.save_config()
+    if config:
+        ws.config.update(config)
+        ws.save_config()
     return ws
+
+
+def ledger_row(id: int, **fields) -> Trial:
+    """A ledger row as proposers see it in their history: a discarded candidate unless `fields` say
+    otherwise."""
+    row = dict(id=id, kind="candidate", commit_sha=None, parent_sha=None, proposer="agent", description="an idea",
+               diff="", seed=None, status="discard", reason="", decision={}, val_bpb=1.0, trainer_summary={},
+               training_seconds=None, total_seconds=None, total_tokens_m=None, num_steps=None, mfu_percent=None,
+               peak_vram_mb=None, hardware={}, proposer_usage={}, log_path="", started_at=0.0, ended_at=None)
+    return Trial(**{**row, **fields})

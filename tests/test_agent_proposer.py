@@ -21,9 +21,8 @@ from autoresearch.lab.loop import Lab
 from autoresearch.lab.proposer import ProposalContext
 from autoresearch.lab.workspace import GITIGNORE, git
 from autoresearch.proposers.agent import PRESETS, AgentError, AgentProposer
-from autoresearch.proposers.prompt import (agent_prompt, backoff_seconds, consecutive_failures, history_section,
-                                           llm_prompt)
-from lab_helpers import TINY_TRAINER, alive, make_workspace
+from autoresearch.proposers.prompt import agent_prompt, history_section, llm_prompt
+from lab_helpers import TINY_TRAINER, alive, ledger_row, make_workspace
 
 AGENTS = Path(__file__).parent / "agents"
 PROGRAM = (Path(__file__).parents[1] / "src" / "autoresearch" / "templates" / "program.md").read_text()
@@ -73,12 +72,9 @@ def repo(tmp_path) -> Path:
 def make_trial(id: int, status: str = "discard", description: str = "an idea", *, kind: str = "candidate",
                val_bpb: float | None = 1.0, decision: dict | None = None, reason: str = "", proposer: str = "agent",
                usage: dict | None = None, log_tail: str = "") -> Trial:
-    return Trial(id=id, kind=kind, commit_sha=f"{id:07d}abc", parent_sha=None, proposer=proposer,
-                 description=description, diff="", seed=None, status=status, reason=reason,
-                 decision=decision or {}, val_bpb=val_bpb, trainer_summary={"log_tail": log_tail} if log_tail else {},
-                 training_seconds=None, total_seconds=None, total_tokens_m=None, num_steps=None, mfu_percent=None,
-                 peak_vram_mb=None, hardware={}, proposer_usage=usage or {}, log_path="", started_at=0.0,
-                 ended_at=None)
+    return ledger_row(id, kind=kind, commit_sha=f"{id:07d}abc", proposer=proposer, description=description,
+                      status=status, reason=reason, decision=decision or {}, val_bpb=val_bpb,
+                      trainer_summary={"log_tail": log_tail} if log_tail else {}, proposer_usage=usage or {})
 
 
 def context(root: Path, history: list[Trial] | None = None) -> ProposalContext:
@@ -142,16 +138,6 @@ def test_the_history_keeps_the_last_n_in_full_and_the_rest_in_brief(repo):
     assert "No experiments yet" in first
 
 
-def test_failures_in_a_row_back_off():
-    err = "proposer error: boom"
-    trials = [make_trial(1, "keep"), make_trial(2, "crash", reason=err), make_trial(3, "crash", reason=err),
-              make_trial(4, "crash", reason=err, proposer="llm")]
-    ctx = ProposalContext(Path("."), ["train.py"], "cpu", 2.0, "x", 1.0, None, trials)
-    assert consecutive_failures(ctx, "agent") == 2 and consecutive_failures(ctx, "llm") == 1
-    assert [backoff_seconds(n, 60) for n in (0, 2, 3, 4, 5, 20)] == [0, 0, 60, 120, 240, 600]
-    assert backoff_seconds(10, 0) == 0
-
-
 # --- presets and the custom command -------------------------------------------------------------
 def test_a_custom_agent_edits_train_py_and_writes_its_description(repo, agents):
     proposer = AgentProposer.from_settings(repo, {"command": CUSTOM, "timeout": 30})
@@ -166,7 +152,8 @@ def test_a_custom_agent_edits_train_py_and_writes_its_description(repo, agents):
     (call,) = agents()
     assert call["argv"] == ["--prompt-file", str(folder / "prompt.md"), "--workdir", str(repo)]
     assert call["cwd"] == str(repo)
-    assert call["secret"] == "sk-secret" and call["agent_env"] == "1"  # the environment is passed through
+    assert call["secret"] == "sk-secret"  # the environment is passed through
+    assert call["agent_env"] == f"{os.getpid()}:2"  # with the token that finds the agent's processes again
 
 
 def test_the_claude_preset_runs_headless_as_root_and_reports_its_cost(repo, agents, monkeypatch):
@@ -246,10 +233,13 @@ def test_an_agent_past_its_time_limit_is_killed_with_its_children(repo, agents, 
     assert proposer.last_usage["timed_out"] is True
 
 
-def test_what_an_agent_leaves_running_is_killed(repo, agents, monkeypatch, tmp_path):
-    monkeypatch.setenv("FAKE_AGENT_PLAN", "straggler")
+@pytest.mark.parametrize("behaviour", ["straggler", "escaper"])
+def test_what_an_agent_leaves_running_is_killed_even_outside_its_process_group(repo, agents, monkeypatch, tmp_path,
+                                                                             behaviour):
+    monkeypatch.setenv("FAKE_AGENT_PLAN", behaviour)
     proposer = AgentProposer.from_settings(repo, {"command": CUSTOM})
     assert proposer.propose(context(repo)) == "raise LR from 0.003 to 0.03"
+    assert len((tmp_path / "agent.pids").read_text().split()) == 1
     assert pids_alive(tmp_path / "agent.pids") == []
 
 

@@ -16,7 +16,7 @@ from autoresearch.lab.proposer import ProposalContext
 from autoresearch.lab.workspace import git
 from autoresearch.proposers.edits import EditError, apply_reply, describe_change, parse_reply
 from autoresearch.proposers.llm import SYSTEM, LLMError, LLMProposer, model_price
-from lab_helpers import TINY_TRAINER, make_workspace
+from lab_helpers import TINY_TRAINER, ledger_row, make_workspace
 from llm_servers import FakeAnthropic, FakeOpenAI, Sleep, Status
 
 PROGRAM = (Path(__file__).parents[1] / "src" / "autoresearch" / "templates" / "program.md").read_text()
@@ -71,11 +71,8 @@ def api_key(monkeypatch):
 
 
 def make_trial(id: int, status: str = "discard", *, cost: float | None = None, proposer: str = "llm") -> Trial:
-    return Trial(id=id, kind="candidate", commit_sha=None, parent_sha=None, proposer=proposer, description="idea",
-                 diff="", seed=None, status=status, reason="", decision={}, val_bpb=1.0, trainer_summary={},
-                 training_seconds=None, total_seconds=None, total_tokens_m=None, num_steps=None, mfu_percent=None,
-                 peak_vram_mb=None, hardware={}, proposer_usage={} if cost is None else {"cost_usd": cost},
-                 log_path="", started_at=0.0, ended_at=None)
+    return ledger_row(id, proposer=proposer, description="idea", status=status,
+                      proposer_usage={} if cost is None else {"cost_usd": cost})
 
 
 def context(root: Path, history: list[Trial] | None = None) -> ProposalContext:

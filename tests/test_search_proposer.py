@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-from lab_helpers import make_workspace
+from lab_helpers import ledger_row, make_workspace
 
 from autoresearch.harness import get_profile, render_trainer
 from autoresearch.lab.ledger import Trial
@@ -44,11 +44,8 @@ def context(root: Path, history: list[Trial] | None = None) -> ProposalContext:
 def ledger_trial(id: int, description: str = "", status: str = "discard", val_bpb: float | None = 2.0,
                  reason: str = "", values: list[float] | None = None) -> Trial:
     decision = {"values": values} if values else {}
-    return Trial(id=id, kind="candidate", commit_sha=None, parent_sha=None, proposer="search",
-                 description=description, diff="", seed=None, status=status, reason=reason, decision=decision,
-                 val_bpb=val_bpb, trainer_summary={}, training_seconds=None, total_seconds=None,
-                 total_tokens_m=None, num_steps=None, mfu_percent=None, peak_vram_mb=None, hardware={},
-                 proposer_usage={}, log_path="", started_at=0.0, ended_at=None)
+    return ledger_row(id, proposer="search", description=description, status=status, reason=reason,
+                      decision=decision, val_bpb=val_bpb)
 
 
 def changes(description: str) -> dict[str, tuple[str, str]]:
@@ -201,7 +198,7 @@ def test_overrides_set_ranges_and_include_and_exclude(tmp_path):
     ({"include": ["SEED"]}, "a seed is not a hyperparameter"),
     ({"include": ["DEPTH"], "exclude": ["DEPTH"]}, "both name DEPTH"),
     ({"exclude": ["DEPTH"], "space": {"DEPTH": {"low": 1, "high": 2}}}, "which search.exclude removes"),
-    ({"n_trials": 5}, "unknown [search] setting(s): n_trials"),
+    ({"n_trials": 5}, "[search] has unknown key(s) n_trials"),
     ({"sampler": "cmaes"}, "search.sampler"),
     ({"changes": [3, 1]}, "search.changes"),
 ])

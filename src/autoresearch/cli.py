@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .errors import UserError
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -60,10 +61,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     rule = DecisionRule(name=args.rule, baseline_runs=args.baseline_runs)
     trainer = Path(args.trainer).read_text() if args.trainer else None
     ws = Workspace.create(Path(args.dir), tag=args.tag or time.strftime("%b%d").lower(), profile=profile.name,
-                          data=data, rule=rule, trainer_source=trainer)
-    if args.budget is not None:
-        ws.config["time_budget"] = args.budget
-        ws.save_config()
+                          data=data, rule=rule, trainer_source=trainer, time_budget=args.budget)
     print(f"workspace ready: {ws.root} (branch {ws.config['branch']}, profile {profile.name}, "
           f"budget {ws.time_budget:g}s, data {data.path})")
     print(f"next: `autoresearch run {args.dir}` to start the loop, or point a coding agent at "
@@ -269,16 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .harness import HarnessError
-    from .lab.ledger import LedgerVersionError
-    from .lab.loop import LabError
-    from .lab.workspace import WorkspaceError
-    from .report import ReportError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (HarnessError, WorkspaceError, LabError, LedgerVersionError, ReportError, ValueError) as e:
+    except (UserError, ValueError) as e:  # bad input or state: the message says what to do
         print(f"autoresearch: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,7 +14,8 @@ environment (the agent proposer passes the environment through):
 Behaviours: good (edit train.py, write the description file the prompt names), stdout (edit, say
 `DESCRIPTION: ...` in the final answer), silent (edit, say nothing), nothing (edit nothing),
 forbidden (edit program.md too), fail (exit 1), hang (sleep, with a child, past any limit),
-commit (edit and git-commit it), straggler (edit, leave a background process running).
+commit (edit and git-commit it), straggler (edit, leave a background process running), escaper
+(edit, leave a background process running in a session of its own, outside the agent's group).
 """
 from __future__ import annotations
 
@@ -107,8 +108,9 @@ def act(kind: str, prompt: str, workspace: Path, can_edit: bool = True) -> tuple
     elif what == "commit":
         subprocess.run(["git", "commit", "-qam", description], cwd=workspace, check=True)
         answer += f"\nDESCRIPTION: {description}"
-    elif what == "straggler":
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    elif what in ("straggler", "escaper"):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                                 start_new_session=what == "escaper")
         record_pid(child.pid)
         answer += f"\nDESCRIPTION: {description}"
     elif what != "silent":

@@ -17,7 +17,7 @@ import numpy as np
 from . import tokenizer as tokenizer_lib
 from .errors import HarnessError
 from .profiles import MIN_VAL_TOKENS, Profile
-from .sources import SPLITS, CorpusSource, read_documents
+from .sources import SPLITS, CorpusSource, read_documents, read_shards
 from .storage import atomic_path, cache_dir, ensure_writable_dir, sha256_file, write_json
 
 FORMAT_VERSION = 1
@@ -116,9 +116,10 @@ def prepare(source: CorpusSource, profile: Profile, *, cache: Path | None = None
         data = PreparedData.open(out, profile)
         remember_current(profile, out, cache)
         return data, False
+    files = {split: source.files(split) for split in SPLITS}  # one listing: every step sees the same files
     for split in ("train", "val"):  # before hours of work, not after
-        if not source.files(split):
-            source.documents(split)  # raises the missing-split error
+        if not files[split]:
+            raise source.missing_split_error(split)
     ensure_writable_dir(out)
     started = time.time()
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
@@ -129,19 +130,19 @@ def prepare(source: CorpusSource, profile: Profile, *, cache: Path | None = None
     else:
         say(f"tokenizer: training a {profile.vocab_size}-token BPE on the train split of {source.id} ...")
         t0 = time.time()
-        train_files = ", ".join(str(p) for p in source.files("train"))
-        tok = tokenizer_lib.train(source.documents("train"), profile.vocab_size, out,
+        train_files = ", ".join(str(p) for p in files["train"])
+        tok = tokenizer_lib.train(read_shards(files["train"]), profile.vocab_size, out,
                                   what=f"The train split of {source.id} ({train_files})")
         say(f"tokenizer: done in {time.time() - t0:.1f}s")
 
     splits = {}
     for split in SPLITS:
-        if not source.files(split):  # only test may be missing (checked above)
+        if not files[split]:  # only test may be missing (checked above)
             continue
-        splits[split] = _tokenize_split(source, split, tok, out, progress)
+        splits[split] = _tokenize_split(source, split, files[split], tok, out, progress)
         if split == "val" and splits[split]["tokens"] < MIN_VAL_TOKENS:
             raise HarnessError(
-                f"The val split of {source.id} ({', '.join(str(p) for p in source.files(split))}) "
+                f"The val split of {source.id} ({', '.join(str(p) for p in files[split])}) "
                 f"tokenizes to {splits[split]['tokens']:,} tokens, fewer than the {MIN_VAL_TOKENS:,} a "
                 "measurement needs. Use a corpus with a larger val split."
             )
@@ -159,10 +160,9 @@ def prepare(source: CorpusSource, profile: Profile, *, cache: Path | None = None
     return PreparedData.open(out, profile), True
 
 
-def _tokenize_split(source: CorpusSource, split: str, tok, out: Path, progress: bool) -> dict:
+def _tokenize_split(source: CorpusSource, split: str, files: list[Path], tok, out: Path, progress: bool) -> dict:
     from tqdm import tqdm
 
-    files = source.files(split)
     bar = tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True,
                desc=f"tokenize {split}", disable=not progress, file=sys.stderr)
     starts: list[int] = []

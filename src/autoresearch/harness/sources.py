@@ -28,12 +28,20 @@ class CorpusSource:
         """The split's documents; a split without files is an error at once, not on first use."""
         files = self.files(split)
         if not files:
-            raise HarnessError(
-                f"The {split} split of corpus {self.id!r} has no files ({self.description}). "
-                f"Add shards for it (a {split}/ folder of .parquet, .txt or .jsonl files), or choose "
-                "another --source."
-            )
-        return (text for path in files for text in read_documents(path))
+            raise self.missing_split_error(split)
+        return read_shards(files)
+
+    def missing_split_error(self, split: str) -> HarnessError:
+        return HarnessError(
+            f"The {split} split of corpus {self.id!r} has no files ({self.description}). "
+            f"Add shards for it (a {split}/ folder of .parquet, .txt or .jsonl files), or choose "
+            "another --source."
+        )
+
+
+def read_shards(files: list[Path]) -> Iterator[str]:
+    """Documents of several shards, in their order."""
+    return (text for path in files for text in read_documents(path))
 
 
 def read_documents(path: Path) -> Iterator[str]:

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from autoresearch.errors import UserError
 from autoresearch.harness.storage import atomic_path
 
 SCHEMA_VERSION = 1
@@ -48,8 +49,21 @@ CREATE TABLE IF NOT EXISTS trials (
 """
 
 
-class LedgerVersionError(RuntimeError):
-    pass
+class LedgerVersionError(UserError):
+    """The ledger was written by a newer autoresearch than this one."""
+
+
+def check_schema_version(version, path: Path) -> None:
+    """Refuses a ledger whose schema is newer than this autoresearch knows (or is not a number at all)."""
+    try:
+        newer = version is not None and int(version) > SCHEMA_VERSION
+    except (TypeError, ValueError):
+        newer = True
+    if newer:
+        raise LedgerVersionError(
+            f"{path} was written by a newer autoresearch (ledger schema {version}, this one knows "
+            f"{SCHEMA_VERSION}). Upgrade autoresearch to read it."
+        )
 
 
 @dataclass
@@ -111,11 +125,8 @@ class Ledger:
         version = self.get_meta("schema_version")
         if version is None:
             self.set_meta("schema_version", SCHEMA_VERSION)
-        elif int(version) > SCHEMA_VERSION:
-            raise LedgerVersionError(
-                f"{self.path} was written by a newer autoresearch (ledger schema {version}, this one "
-                f"knows {SCHEMA_VERSION}). Upgrade autoresearch to read it."
-            )
+        else:
+            check_schema_version(version, self.path)
 
     def close(self) -> None:
         self.db.close()
@@ -130,11 +141,11 @@ class Ledger:
 
     # --- trials ---------------------------------------------------------------------------------
     def begin(self, *, kind: str, proposer: str, description: str, commit_sha: str | None,
-              parent_sha: str | None, diff: str, seed: int | None, log_path: str = "") -> int:
+              parent_sha: str | None, diff: str, seed: int | None) -> int:
         cur = self.db.execute(
             "INSERT INTO trials (kind, commit_sha, parent_sha, proposer, description, diff, seed, status, "
-            "log_path, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
-            (kind, commit_sha, parent_sha, proposer, description, diff, seed, log_path, time.time()),
+            "started_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?)",
+            (kind, commit_sha, parent_sha, proposer, description, diff, seed, time.time()),
         )
         if self.results_tsv is not None and not self.results_tsv.exists():  # a running row adds no line
             self._write_tsv()

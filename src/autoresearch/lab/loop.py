@@ -12,14 +12,15 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from ..errors import UserError
 from .decide import Decision, decide, noise_floor
 from .ledger import Ledger, Trial
-from .proposer import ProposalContext, Proposer
+from .proposer import ProposalContext, Proposer, backoff_seconds, consecutive_failures
 from .trial import TrialOutcome, kill_trial_processes, run_trial
 from .workspace import CONFIG_FILE, Workspace
 
 
-class LabError(RuntimeError):
+class LabError(UserError):
     """The loop cannot go on (a crashing baseline, a changed harness); the message says why."""
 
 
@@ -210,6 +211,14 @@ class Lab:
             self.log(f"  drift: the best commit now measures {outcome.val_bpb:.6f}, {moved:+.6f} from its mean")
 
     # --- the loop ---------------------------------------------------------------------------------
+    def backoff(self, proposer: Proposer, history: list[Trial]) -> float:
+        """Seconds to wait before asking `proposer` again, after its proposals failed in a row."""
+        failures = consecutive_failures(history, proposer.name)
+        wait = backoff_seconds(failures, getattr(proposer, "failure_backoff", 0.0), getattr(proposer, "backoff_after", 3))
+        if wait:
+            self.log(f"waiting {wait:g} s before the next proposal: the last {failures} failed")
+        return wait
+
     def run(self, proposer: Proposer, max_trials: int | None = None, max_hours: float | None = None) -> None:
         started = time.time()
         interrupted = self.resume()
@@ -226,11 +235,14 @@ class Lab:
             if max_hours is not None and time.time() - started > max_hours * 3600:
                 self.log(f"stopping: {max_hours:g} hour(s) passed")
                 break
+            ctx = self.context()
+            if self.stop.wait(self.backoff(proposer, ctx.history)):
+                break
             ledger_before, content_before = self.ledger.snapshot(), self.ledger.content()
             config_path = self.ws.lab_dir / CONFIG_FILE
             config_before = config_path.read_bytes()
             try:
-                description = proposer.propose(self.context())
+                description = proposer.propose(ctx)
                 # An agent with a shell could rewrite the record while it proposes: put it back.
                 if self.ledger.content() != content_before or config_path.read_bytes() != config_before:
                     self.ledger.restore(ledger_before)

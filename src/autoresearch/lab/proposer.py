@@ -27,7 +27,9 @@ class ProposalContext:
 
 class Proposer(Protocol):
     """`last_usage`, if a proposer has it, is a dict of what its last proposal cost (e.g. LLM
-    tokens, dollars, seconds); the lab records it with the trial."""
+    tokens, dollars, seconds); the lab records it with the trial. `failure_backoff` (seconds) and
+    `backoff_after`, if it has them, make the lab wait before asking it again after proposals that
+    failed in a row (backoff_seconds); the lab waits, so that a stop ends the wait at once."""
 
     name: str
 
@@ -36,3 +38,31 @@ class Proposer(Protocol):
 
     def tell(self, trial: Trial) -> None:
         """Hear how a proposal ended (keep, discard or crash, with val_bpb and reason)."""
+
+
+def consecutive_failures(history: list[Trial], proposer: str) -> int:
+    """How many of this proposer's latest proposals in a row failed (raised)."""
+    n = 0
+    for t in reversed([t for t in history if t.kind == "candidate" and t.proposer == proposer]):
+        if t.status == "crash" and t.reason.startswith("proposer error"):
+            n += 1
+        else:
+            break
+    return n
+
+
+def backoff_seconds(failures: int, base: float, after: int = 3, cap: float = 600.0) -> float:
+    """Seconds to wait before proposing again after `failures` failed proposals in a row: none for
+    the first `after`, then `base`, doubling up to `cap`. A broken key or a dead endpoint at 2 a.m.
+    then costs a row every few minutes, not thousands of rows."""
+    if base <= 0 or failures < after:
+        return 0.0
+    return min(base * 2 ** (failures - after), cap)
+
+
+def check_settings(section: str, settings: dict, known: set[str]) -> None:
+    """ValueError naming the keys of a proposer's config section that it does not know: a typo in
+    a setting should stop the run at once, not be ignored all night."""
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"[{section}] has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")

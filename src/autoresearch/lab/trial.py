@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .limits import evaluation_limit
+from .processes import kill_tagged
 from .workspace import LAB_DIR, READER_PATHS, Workspace, WorkspaceError
 
 SECRET_NAME = re.compile(r"(_API_KEY|_TOKEN|_SECRET|_PASSWORD)$|^(AWS_|ANTHROPIC_|OPENAI_)", re.IGNORECASE)
@@ -84,28 +85,9 @@ def parse_summary(log: str) -> dict:
 
 
 def kill_trial_processes(token: str, pgid: int | None = None) -> int:
-    """Kill the trainer's process group and any process that carries the trial's token in its
-    environment (children that left the group with setsid). Returns how many were found alive."""
-    found = 0
-    if pgid is not None:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-            found += 1
-        except (ProcessLookupError, PermissionError):
-            pass
-    needle = f"{TRIAL_ENV}={token}".encode()
-    proc = Path("/proc")
-    if proc.is_dir():
-        for entry in proc.iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    os.kill(int(entry.name), signal.SIGKILL)
-                    found += 1
-            except (OSError, ValueError):
-                continue
-    return found
+    """Kill the trainer's process group and whatever left it carrying the trial's token. Returns how
+    many were found alive."""
+    return kill_tagged(TRIAL_ENV, token, pgid)
 
 
 def _lab_snapshot(ws: Workspace, own: Path) -> dict:

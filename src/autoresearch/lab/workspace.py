@@ -7,6 +7,7 @@
 
 The harness stays in the installed package, out of a proposer's reach; its fingerprint (code,
 profile, tokenizer, data) is recorded when the workspace is made and checked before every trial.
+The data and trainer template are imported where used: the report opens workspaces without numpy.
 """
 from __future__ import annotations
 
@@ -19,13 +20,18 @@ import uuid
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import autoresearch
-from autoresearch.harness import PreparedData, get_profile, render_trainer
+from autoresearch.errors import UserError
+from autoresearch.harness import get_profile
 from autoresearch.harness.storage import write_json
 
 from .decide import DecisionRule
 from .limits import trainer_limit
+
+if TYPE_CHECKING:
+    from autoresearch.harness.dataset import PreparedData
 
 LAB_DIR = ".autoresearch"
 CONFIG_FILE = "config.json"
@@ -36,7 +42,7 @@ READER_PATHS = ("report",)
 GITIGNORE = "results.tsv\n.autoresearch/\n__pycache__/\nrun_output/\n"
 
 
-class WorkspaceError(RuntimeError):
+class WorkspaceError(UserError):
     """A workspace in a state the lab must not work on; the message says how to fix it."""
 
 
@@ -68,8 +74,11 @@ class Workspace:
     @classmethod
     def create(cls, root: Path, *, tag: str, profile: str, data: PreparedData,
                rule: DecisionRule | None = None, allowed_files: tuple[str, ...] = ("train.py",),
-               trainer_source: str | None = None) -> "Workspace":
-        """Make a workspace; `trainer_source` replaces the template's train.py (bring your own)."""
+               trainer_source: str | None = None, time_budget: float | None = None) -> "Workspace":
+        """Make a workspace; `trainer_source` replaces the template's train.py (bring your own),
+        `time_budget` the profile's training seconds per trial."""
+        from autoresearch.harness import render_trainer
+
         root = Path(root).resolve()
         if (root / LAB_DIR / CONFIG_FILE).exists():
             raise WorkspaceError(f"{root} is already a workspace; continue it with `autoresearch run {root}`.")
@@ -106,7 +115,7 @@ class Workspace:
             "data": str(data.path),
             "allowed_files": list(allowed_files),
             "decision": (rule or DecisionRule()).to_dict(),
-            "time_budget": None,  # seconds; None: the profile's
+            "time_budget": time_budget,  # seconds; None: the profile's
             "grace_seconds": None,  # beyond the budget before the trainer is killed; None: max(budget, 300)
             "training_tolerance": 0.05,  # how far past the budget the lab's clock may find training
             "warmup_cap_seconds": 180.0 if profile != "cpu" else 60.0,
@@ -124,7 +133,10 @@ class Workspace:
         for folder in (start, *start.parents):
             config_path = folder / LAB_DIR / CONFIG_FILE
             if config_path.is_file():
-                return cls(folder, json.loads(config_path.read_text()))
+                try:
+                    return cls(folder, json.loads(config_path.read_text()))
+                except (OSError, json.JSONDecodeError) as e:
+                    raise WorkspaceError(f"{config_path} cannot be read ({e}); is the workspace damaged?") from None
             if root is not None:
                 break
         raise WorkspaceError(
@@ -183,6 +195,8 @@ class Workspace:
             raise WorkspaceError(f"{path} is not valid TOML: {e}. Fix the file (or delete it for the defaults).") from None
 
     def open_data(self) -> PreparedData:
+        from autoresearch.harness import PreparedData
+
         return PreparedData.open(Path(self.config["data"]), self.profile)
 
     # --- checks ----------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ An agent that exits non-zero or runs past `timeout` (its whole process group is 
 propose() raise: the lab records a crashed proposal and goes on. One that edits nothing, or edits
 other files, is left to the lab's audit ("no change", "rejected edit"). propose() never returns
 None: an agent that stops does not stop the loop. After `backoff_after` failed proposals in a row
-it waits (`failure_backoff` seconds, doubling up to 10 minutes) before the next, so a broken key
-overnight costs a row every few minutes rather than thousands.
+the lab waits (`failure_backoff` seconds, doubling up to 10 minutes) before the next, so a broken
+key overnight costs a row every few minutes rather than thousands.
 
 If the agent commits (aider does unless told not to), the commit is undone with `git reset
 --soft`, so the change is in the working tree for the lab to audit and commit itself.
@@ -38,11 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from autoresearch.lab.ledger import Trial
-from autoresearch.lab.proposer import ProposalContext
+from autoresearch.lab.processes import group_alive, kill_tagged
+from autoresearch.lab.proposer import ProposalContext, check_settings
 from autoresearch.lab.workspace import git
 
 from .edits import DESCRIPTION_LINE, describe_change
-from .prompt import RECENT, agent_prompt, backoff_seconds, consecutive_failures, next_trial_id, one_line
+from .prompt import RECENT, agent_prompt, next_trial_id, one_line
 
 AGENT_DIR = ".autoresearch/agent"
 AGENT_ENV = "AUTORESEARCH_AGENT"  # set in the agent's environment: it runs under the lab's loop
@@ -98,9 +99,7 @@ class AgentProposer:
         settings = dict(settings or {})
         known = {"preset", "command", "model", "args", "timeout", "env", "recent_trials", "failure_backoff",
                  "backoff_after"}
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise ValueError(f"[agent] has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        check_settings("agent", settings, known)
         command = settings.get("command")
         preset = settings.get("preset") or ("custom" if command else None)
         if preset is None:
@@ -144,9 +143,6 @@ class AgentProposer:
 
     # --- one proposal -----------------------------------------------------------------------------
     def propose(self, ctx: ProposalContext) -> str:
-        wait = backoff_seconds(consecutive_failures(ctx, self.name), self.failure_backoff, self.backoff_after)
-        if wait:
-            time.sleep(wait)
         workspace = Path(ctx.workspace).resolve()
         proposal_id = next_trial_id(ctx)
         rel_dir = f"{AGENT_DIR}/{proposal_id:05d}"
@@ -173,7 +169,8 @@ class AgentProposer:
         before = train.read_text() if train.exists() else ""
         head_before = git(workspace, "rev-parse", "HEAD", check=False)
         branch_before = git(workspace, "symbolic-ref", "-q", "HEAD", check=False)
-        env = {**os.environ, **self.env, AGENT_ENV: "1"}
+        token = f"{os.getpid()}:{proposal_id}"  # marks the agent's processes, wherever they go
+        env = {**os.environ, **self.env, AGENT_ENV: token}
         self.last_usage = {"agent": self.preset, "seconds": 0.0}
         started = time.monotonic()
         with open(folder / "stdout.txt", "wb") as out, open(folder / "stderr.txt", "wb") as err:
@@ -189,7 +186,7 @@ class AgentProposer:
                 timed_out = True
                 code = None
             finally:  # on a timeout, on Ctrl-C, and after a normal exit: whatever it left running
-                _kill_group(proc)
+                _stop(proc, token)
         seconds = round(time.monotonic() - started, 3)
         self.last_usage = {"agent": self.preset, "seconds": seconds, "exit_code": code}
         stdout = (folder / "stdout.txt").read_text(errors="replace")
@@ -233,8 +230,9 @@ def _fill(arg: str, values: dict[str, str]) -> str:
     return arg
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the agent's process group, SIGKILL to what is left after a grace period."""
+def _stop(proc: subprocess.Popen, token: str) -> None:
+    """SIGTERM to the agent's process group, SIGKILL to what is left after a grace period, and to
+    whatever left the group but carries the proposal's token."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):
@@ -245,37 +243,13 @@ def _kill_group(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             pass
         deadline = time.monotonic() + 2
-        while time.monotonic() < deadline and _group_alive(proc.pid):
+        while time.monotonic() < deadline and group_alive(proc.pid):
             time.sleep(0.05)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    kill_tagged(AGENT_ENV, token, proc.pid)
     try:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         pass
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether a process of the group still runs (zombies, which wait for a parent, do not count)."""
-    proc = Path("/proc")
-    if proc.is_dir():
-        for entry in proc.iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
-                return True
-        return False
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
 
 
 def _tail(stdout: str, stderr: str, lines: int = 4, chars: int = 400) -> str:

@@ -10,7 +10,7 @@ files other than train.py are ignored. Nothing is written until the edits apply.
 Transport failures are the SDK's to retry: timeouts, connection errors, 408, 409, 429 and 5xx,
 `max_retries` times, waiting as `retry-after` says (or backing off exponentially). When they are
 spent, propose() raises with a message naming the API and the error; the lab records a crashed
-proposal and goes on (after `backoff_after` failures in a row, the next proposal waits first).
+proposal and goes on (after `backoff_after` failures in a row, the lab waits before the next one).
 
 Cost: tokens times a price per million tokens, from a small table of known models or from
 `price_per_mtok_in` / `price_per_mtok_out` (which win). Cached and cache-written input tokens are
@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from autoresearch.lab.ledger import Trial
-from autoresearch.lab.proposer import ProposalContext
+from autoresearch.lab.proposer import ProposalContext, check_settings
 
 from .edits import FORMAT_HELP, EditError, apply_reply
-from .prompt import RECENT, backoff_seconds, consecutive_failures, llm_prompt, next_trial_id
+from .prompt import RECENT, llm_prompt, next_trial_id
 
 LLM_DIR = ".autoresearch/llm"
 APIS = ("openai", "anthropic")
@@ -121,9 +121,7 @@ class LLMProposer:
         known = {"api", "model", "base_url", "api_key_env", "max_tokens", "max_tokens_param", "temperature",
                  "extra_body", "timeout", "max_retries", "edit_attempts", "max_cost", "price_per_mtok_in", "price_per_mtok_out",
                  "recent_trials", "failure_backoff", "backoff_after"}
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise ValueError(f"[llm] has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        check_settings("llm", settings, known)
         api = str(settings.get("api", "openai")).lower()
         if api not in APIS:
             raise ValueError(f"[llm] api must be one of {', '.join(APIS)} (openai covers any OpenAI-compatible "
@@ -251,9 +249,6 @@ class LLMProposer:
             self.stop_reason = f"the spend cap is reached: ${spent:.4f} of max_cost ${self.max_cost:.2f}"
             self.last_usage = None
             return None
-        wait = backoff_seconds(consecutive_failures(ctx, self.name), self.failure_backoff, self.backoff_after)
-        if wait:
-            time.sleep(wait)
         train = Path(ctx.workspace) / "train.py"
         original = train.read_text()
         messages = [{"role": "user", "content": llm_prompt(ctx, self.recent_trials, original)}]

@@ -169,23 +169,3 @@ def llm_prompt(ctx: ProposalContext, recent: int = RECENT, train_source: str | N
 def next_trial_id(ctx: ProposalContext) -> int:
     """The id the ledger will give the row recording this proposal (ids only grow, rows stay)."""
     return max((t.id for t in ctx.history), default=0) + 1
-
-
-def consecutive_failures(ctx: ProposalContext, proposer: str) -> int:
-    """How many of this proposer's latest proposals in a row failed (raised), for backing off."""
-    n = 0
-    for t in reversed([t for t in ctx.history if t.kind == "candidate" and t.proposer == proposer]):
-        if t.status == "crash" and t.reason.startswith("proposer error"):
-            n += 1
-        else:
-            break
-    return n
-
-
-def backoff_seconds(failures: int, base: float, after: int = 3, cap: float = 600.0) -> float:
-    """Seconds to wait before proposing again after `failures` failed proposals in a row: none for
-    the first `after`, then `base`, doubling up to `cap`. A broken key or a dead endpoint at 2 a.m.
-    then costs a row every few minutes, not thousands of rows."""
-    if base <= 0 or failures < after:
-        return 0.0
-    return min(base * 2 ** (failures - after), cap)

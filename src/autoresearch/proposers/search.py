@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from autoresearch.lab.proposer import check_settings
+
 from .space import build_space, fit_batch, normalise, parse_constants, rewrite
 
 if TYPE_CHECKING:
@@ -76,9 +78,7 @@ class SearchSettings:
     def from_dict(cls, raw: dict | None) -> SearchSettings:
         raw = dict(raw or {})
         known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"unknown [search] setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        check_settings("search", raw, known)
         s = cls(**raw)
         for key in ("seed", "n_startup_trials", "retries"):
             value = getattr(s, key)

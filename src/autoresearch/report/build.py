@@ -14,11 +14,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import RETRY_SECONDS, Analysis, ReportError, WorkspaceInfo, find_workspace, load
+from .data import RETRY_SECONDS, Analysis, ReportError, find_workspace, load
 from .html import render_html
 from .plots import render_progress
 from .summary import TERMINAL_DIFF_LINES, markdown
-from autoresearch.lab.workspace import READER_PATHS
+from autoresearch.lab.workspace import READER_PATHS, Workspace
 
 from .testeval import TestResult, sealed_test
 
@@ -39,7 +39,7 @@ class NoTrials(ReportError):
     """The workspace has no trial yet: nothing to report, which is not a failure to read it."""
 
 
-def trial_running(ws: WorkspaceInfo) -> bool:
+def trial_running(ws: Workspace) -> bool:
     """Whether a trial is running now (a row the lab left `running` long ago does not count)."""
     try:
         return bool(load(ws, retry_seconds=2.0).live_running)
@@ -47,11 +47,11 @@ def trial_running(ws: WorkspaceInfo) -> bool:
         return True  # unsure: behave as if one were
 
 
-def make_report(workspace: str | Path | WorkspaceInfo | None = None, out: str | Path | None = None, *,
+def make_report(workspace: str | Path | Workspace | None = None, out: str | Path | None = None, *,
                 test_eval: str = "auto", log=print, retry_seconds: float = RETRY_SECONDS) -> ReportResult:
     """Write the report's files and return what was written. Raises ReportError when the workspace
     or its ledger cannot be read, and when the ledger holds no trial."""
-    ws = workspace if isinstance(workspace, WorkspaceInfo) else find_workspace(workspace)
+    ws = workspace if isinstance(workspace, Workspace) else find_workspace(workspace)
     a = load(ws, retry_seconds)
     if not a.trials:
         raise NoTrials(f"The workspace {ws.root} has no trials yet, so there is nothing to report. "

@@ -31,8 +31,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 
-from .data import (Analysis, LogFollower, ReportError, WorkspaceInfo, downsample, find_workspace, ledger_stamp,
-                   load, read_tail)
+from autoresearch.lab.workspace import Workspace
+
+from .data import Analysis, LogFollower, ReportError, downsample, find_workspace, ledger_stamp, load, read_tail
 
 DEFAULT_PORT = 8765
 STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
@@ -60,7 +61,7 @@ def _clean(value):
 class DashboardState:
     """The workspace as the page sees it, re-read when the ledger's files change."""
 
-    def __init__(self, ws: WorkspaceInfo):
+    def __init__(self, ws: Workspace):
         self.ws = ws
         self.lock = threading.Lock()
         self._stamp = None
@@ -124,7 +125,7 @@ class DashboardState:
             "accelerator": a.accelerator, "hardware": a.hardware_text if a.hardware else "",
         }
         workspace = {"root": str(a.ws.root), "tag": cfg.get("tag", ""), "branch": cfg.get("branch", ""),
-                     "profile": cfg.get("profile", ""), "budget": a.ws.time_budget, "ledger": str(a.ws.ledger_path)}
+                     "profile": cfg.get("profile", ""), "budget": a.time_budget, "ledger": str(a.ws.ledger_path)}
         return {"workspace": workspace, "summary": summary, "trials": trials, "stamp": self._version,
                 "stale": self._error, "now": now}
 
@@ -134,7 +135,7 @@ class DashboardState:
         trial = a.running[-1] if a.running else (a.trials[-1] if a.trials else None)
         if trial is None:
             return {"running": False, "trial": None, "points": [], "last": None, "now": now}
-        points = self.follower(a.ws.log_path(trial)).poll()
+        points = self.follower(a.log_path(trial)).poll()
         keep = ("step", "progress_pct", "loss", "lrm", "dt_ms", "tok_per_s", "mfu_pct", "epoch", "remaining_s")
         slim = [{k: p.get(k) for k in keep if k in p} for p in downsample(points)]
         info = {"id": trial.id, "kind": trial.kind, "status": trial.status, "description": trial.description,
@@ -149,7 +150,7 @@ class DashboardState:
         trial = next((t for t in a.trials if t.id == trial_id), None)
         if trial is None:
             return None
-        tail = "\n".join((read_tail(a.ws.log_path(trial), LOG_TAIL_BYTES) or "").splitlines()[-40:])
+        tail = "\n".join((read_tail(a.log_path(trial), LOG_TAIL_BYTES) or "").splitlines()[-40:])
         return {"id": trial.id, "kind": trial.kind, "status": trial.status, "commit": trial.commit_sha,
                 "parent": trial.parent_sha, "proposer": trial.proposer, "description": trial.description,
                 "diff": trial.diff, "seed": trial.seed, "reason": trial.reason, "decision": trial.decision,
@@ -251,10 +252,10 @@ class DashboardServer(ThreadingHTTPServer):
         return f"http://{host}:{self.port}/"
 
 
-def make_server(workspace: str | Path | WorkspaceInfo | None = None, port: int = DEFAULT_PORT,
+def make_server(workspace: str | Path | Workspace | None = None, port: int = DEFAULT_PORT,
                 host: str = "127.0.0.1", verbose: bool = False) -> DashboardServer:
     """A server bound to host:port (port 0: any free one), not yet serving. Raises PortInUse."""
-    ws = workspace if isinstance(workspace, WorkspaceInfo) else find_workspace(workspace)
+    ws = workspace if isinstance(workspace, Workspace) else find_workspace(workspace)
     state = DashboardState(ws)
     try:
         return DashboardServer(state, host, port, verbose)

@@ -7,8 +7,8 @@ and never change a byte of it. Where SQLite still answers `database is locked` (
 an exclusive lock, a ledger not in WAL mode), the read is retried for a while and then refused
 with a message that says so.
 
-Only `autoresearch.lab.ledger` is imported from the lab, for its `Trial` record and schema version;
-this module does not import torch, so `autoresearch status` starts at once.
+From the lab it takes the workspace, the ledger's `Trial` record and schema check and the time
+limits, none of which imports numpy or torch, so `autoresearch status` starts at once.
 """
 from __future__ import annotations
 
@@ -23,16 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from autoresearch.lab.ledger import SCHEMA_VERSION, LedgerVersionError, Trial
+from autoresearch.errors import UserError
+from autoresearch.lab.ledger import LedgerVersionError, Trial, check_schema_version
 from autoresearch.lab.limits import evaluation_limit, trainer_limit
+from autoresearch.lab.workspace import Workspace, WorkspaceError
 
-LAB_DIR = ".autoresearch"
-CONFIG_FILE = "config.json"
-LEDGER_FILE = "ledger.db"
 RETRY_SECONDS = 10.0  # how long a read waits out a locked ledger before giving up
 
 
-class ReportError(RuntimeError):
+class ReportError(UserError):
     """A workspace or ledger the report cannot read; the message says why and what to do."""
 
 
@@ -45,66 +44,12 @@ class LedgerBusy(ReportError):
 
 
 # --- the workspace ---------------------------------------------------------------------------------
-@dataclass
-class WorkspaceInfo:
-    root: Path
-    config: dict
-
-    @property
-    def lab_dir(self) -> Path:
-        return self.root / LAB_DIR
-
-    @property
-    def ledger_path(self) -> Path:
-        return self.lab_dir / LEDGER_FILE
-
-    def trial_dir(self, trial_id: int) -> Path:
-        return self.lab_dir / "trials" / f"{trial_id:05d}"
-
-    def log_path(self, trial: Trial) -> Path:
-        """The trial's train.log: in its folder here (the workspace may have moved since the ledger
-        recorded an absolute path), else where the ledger says."""
-        here = self.trial_dir(trial.id) / "train.log"
-        if here.exists() or not trial.log_path:
-            return here
-        return Path(trial.log_path)
-
-    @property
-    def longest_trial_seconds(self) -> float:
-        """Longer than any trial the lab lets run: the trainer's kill limit, then the evaluation's."""
-        trainer = trainer_limit(self.time_budget or 300.0, self.config.get("grace_seconds"))
-        return trainer + evaluation_limit(trainer)
-
-    @property
-    def time_budget(self) -> float | None:
-        value = self.config.get("time_budget")
-        if value:
-            return float(value)
-        try:  # the profile's budget; profiles.py is plain data (no torch)
-            from autoresearch.harness.profiles import get_profile
-
-            return float(get_profile(self.config.get("profile", "")).time_budget)
-        except Exception:
-            return None
-
-
-def find_workspace(path: str | Path | None = None) -> WorkspaceInfo:
+def find_workspace(path: str | Path | None = None) -> Workspace:
     """The workspace at `path`, or the one containing the current directory (as the lab finds it)."""
-    start = Path(path or Path.cwd()).expanduser().resolve()
-    for folder in (start, *start.parents):
-        config_path = folder / LAB_DIR / CONFIG_FILE
-        if config_path.is_file():
-            try:
-                config = json.loads(config_path.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise ReportError(f"{config_path} cannot be read ({e}); is the workspace damaged?") from None
-            return WorkspaceInfo(folder, config)
-        if path is not None:
-            break
-    raise ReportError(
-        f"{start} is not inside an autoresearch workspace. Make one with `autoresearch init DIR "
-        "--profile cpu` (or h100, gpu24), or pass the workspace's path."
-    )
+    try:
+        return Workspace.open(Path(path).expanduser() if path else None)
+    except WorkspaceError as e:
+        raise ReportError(str(e)) from None
 
 
 # --- the ledger, read only -------------------------------------------------------------------------
@@ -179,16 +124,10 @@ def _read_once(uri: str, path: Path) -> LedgerData:
                     meta[key] = json.loads(value)
                 except (TypeError, json.JSONDecodeError):
                     meta[key] = value
-        version = meta.get("schema_version")
         try:
-            newer = version is not None and int(version) > SCHEMA_VERSION
-        except (TypeError, ValueError):
-            newer = True
-        if newer:
-            raise LedgerTooNew(
-                f"{path} was written by a newer autoresearch (ledger schema {version}, this one knows "
-                f"{SCHEMA_VERSION}). Upgrade autoresearch to read it."
-            )
+            check_schema_version(meta.get("schema_version"), path)
+        except LedgerVersionError as e:
+            raise LedgerTooNew(str(e)) from None
         trials = []
         if "trials" in tables:
             trials = [trial_from_row(r) for r in db.execute("SELECT * FROM trials ORDER BY id")]
@@ -353,7 +292,7 @@ class KeptChange:
 
 @dataclass
 class Analysis:
-    ws: WorkspaceInfo
+    ws: Workspace
     trials: list[Trial]
     meta: dict
     read_at: float
@@ -363,7 +302,7 @@ class Analysis:
         self.finished = [x for x in t if x.status != "running"]
         self.running = [x for x in t if x.status == "running"]
         # A row left `running` by a lab that died (kill -9, reboot) until `autoresearch run` resumes.
-        limit = self.ws.longest_trial_seconds
+        limit = self.longest_trial_seconds
         self.stale_running = [x for x in self.running if x.started_at and self.read_at - x.started_at > limit]
         self.live_running = [x for x in self.running if x not in self.stale_running]
         self.baseline_runs = [x for x in t if x.kind == "baseline" and x.status == "keep" and x.val_bpb is not None]
@@ -407,6 +346,29 @@ class Analysis:
             se = sigma * math.sqrt(1 / len(before) + 1 / len(values)) if sigma and before and values else None
             self.kept_changes.append(KeptChange(x, delta, values, before, se))
         self.kept_changes.sort(key=lambda k: -(k.delta if k.delta is not None else -math.inf))
+
+    # --- the workspace, as far as its config can be read ---------------------------------------------
+    @property
+    def time_budget(self) -> float | None:
+        """Training seconds per trial; None where the config names no budget or profile this version knows."""
+        try:
+            return self.ws.time_budget
+        except (KeyError, ValueError):
+            return None
+
+    @property
+    def longest_trial_seconds(self) -> float:
+        """Longer than any trial the lab lets run: the trainer's kill limit, then the evaluation's."""
+        trainer = trainer_limit(self.time_budget or 300.0, self.ws.config.get("grace_seconds"))
+        return trainer + evaluation_limit(trainer)
+
+    def log_path(self, trial: Trial) -> Path:
+        """The trial's train.log: in its folder here (the workspace may have moved since the ledger
+        recorded an absolute path), else where the ledger says."""
+        here = self.ws.trial_dir(trial.id) / "train.log"
+        if here.exists() or not trial.log_path:
+            return here
+        return Path(trial.log_path)
 
     # --- headline numbers -------------------------------------------------------------------------
     @property
@@ -513,7 +475,7 @@ class Analysis:
 
 
 def load(workspace: str | Path | None = None, retry_seconds: float = RETRY_SECONDS) -> Analysis:
-    ws = workspace if isinstance(workspace, WorkspaceInfo) else find_workspace(workspace)
+    ws = workspace if isinstance(workspace, Workspace) else find_workspace(workspace)
     data = read_ledger(ws.ledger_path, retry_seconds)
     return Analysis(ws, data.trials, data.meta, data.read_at)
 

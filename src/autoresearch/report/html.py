@@ -69,7 +69,7 @@ def _card(label: str, value: str, sub: str = "") -> str:
 
 def render_html(a: Analysis, tests: list[TestResult], png: Path | None) -> str:
     cfg = a.ws.config
-    budget = a.ws.time_budget
+    budget = a.time_budget
     cards = [_card("baseline val_bpb", bpb(a.baseline_mean),
                    f"{len(a.baseline_values)} run(s); σ = {a.sigma:.6f}" if a.sigma is not None else
                    f"{len(a.baseline_values)} run(s); σ unknown")]

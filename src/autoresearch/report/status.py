@@ -40,7 +40,7 @@ def current_lines(a: Analysis) -> list[Text]:
             lines.append(Text(f"     no trial runs this long: the lab stopped during it (kill -9, a reboot?); "
                               f"`autoresearch run {a.ws.root}` resumes and records it as interrupted", style="red"))
             continue
-        point = last_progress(a.ws.log_path(t))
+        point = last_progress(a.log_path(t))
         if point:
             left = point.get("remaining_s")
             parts = [f"step {point.get('step')}"]
@@ -56,7 +56,7 @@ def current_lines(a: Analysis) -> list[Text]:
             parts.append(f"{duration(left)} of training left" if isinstance(left, (int, float)) else "time left unknown")
             lines.append(Text("     " + " · ".join(parts)))
         else:
-            budget = a.ws.time_budget
+            budget = a.time_budget
             note = "no progress line yet (starting, compiling, or evaluating)"
             if budget and elapsed is not None:
                 note += f"; budget {budget:g}s"
@@ -124,7 +124,7 @@ def trials_table(a: Analysis, last: int) -> Table:
 
 def render_status(a: Analysis, last: int = 15):
     cfg = a.ws.config
-    budget = a.ws.time_budget
+    budget = a.time_budget
     title = (f"autoresearch · {cfg.get('tag', '?')} · {cfg.get('branch', '?')} · profile {cfg.get('profile', '?')}"
              + (f" · budget {budget:g}s" if budget else ""))
     parts: list = [Text(title, style="bold"), Text(str(a.ws.root), style="dim")]

@@ -110,7 +110,7 @@ def crash_lines(a: Analysis) -> list[str]:
 
 def markdown(a: Analysis, tests: list[TestResult], *, max_diff_lines: int | None = None) -> str:
     cfg = a.ws.config
-    budget = a.ws.time_budget
+    budget = a.time_budget
     out = [f"# autoresearch report: {cfg.get('tag', '?')}",
            "",
            f"Workspace `{a.ws.root}`, branch `{cfg.get('branch', '?')}`, profile `{cfg.get('profile', '?')}`"

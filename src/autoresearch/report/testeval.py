@@ -23,8 +23,9 @@ from pathlib import Path
 
 from autoresearch.harness.storage import write_json
 from autoresearch.lab.trial import score_checkpoint, without_secrets
+from autoresearch.lab.workspace import Workspace
 
-from .data import Analysis, WorkspaceInfo
+from .data import Analysis
 
 CACHE_FILE = "test-eval.json"
 CACHE_VERSION = 1
@@ -42,11 +43,11 @@ class TestResult:
     note: str = ""  # why there is no number, or where a cached one came from
 
 
-def cache_path(ws: WorkspaceInfo) -> Path:
+def cache_path(ws: Workspace) -> Path:
     return ws.lab_dir / CACHE_FILE
 
 
-def read_cache(ws: WorkspaceInfo) -> dict:
+def read_cache(ws: Workspace) -> dict:
     try:
         data = json.loads(cache_path(ws).read_text())
     except (OSError, json.JSONDecodeError):
@@ -56,7 +57,7 @@ def read_cache(ws: WorkspaceInfo) -> dict:
     return data.get("results", {}) if isinstance(data.get("results"), dict) else {}
 
 
-def write_cache(ws: WorkspaceInfo, results: dict) -> None:
+def write_cache(ws: Workspace, results: dict) -> None:
     write_json(cache_path(ws), {"version": CACHE_VERSION, "results": results})
 
 
@@ -76,7 +77,7 @@ def _git_show(root: Path, commit: str, name: str) -> str | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
-def evaluate_commit(ws: WorkspaceInfo, commit: str, checkpoint: Path, timeout: float = TIMEOUT_SECONDS) -> dict:
+def evaluate_commit(ws: Workspace, commit: str, checkpoint: Path, timeout: float = TIMEOUT_SECONDS) -> dict:
     """Score `checkpoint` on the test split with the train.py of `commit`, in a fresh process."""
     with tempfile.TemporaryDirectory(prefix="autoresearch-test-eval-") as tmp:
         folder = Path(tmp)
