@@ -12,9 +12,8 @@ python3 - <<PY
 from pathlib import Path
 from autoresearch.harness import PreparedData, get_profile
 from autoresearch.lab.workspace import Workspace
-ws = Workspace.create(Path("/tmp/ws"), tag="h100", profile="h100", data=PreparedData.open(Path("$DATA"), get_profile("h100")))
-ws.config["time_budget"] = ${BUDGET:-30}
-ws.save_config()
+Workspace.create(Path("/tmp/ws"), tag="h100", profile="h100", data=PreparedData.open(Path("$DATA"), get_profile("h100")),
+                 time_budget=${BUDGET:-30})
 PY
 cd /tmp/ws
 timeout ${LOOP_SECONDS:-480} python3 -m autoresearch run --max-trials ${TRIALS:-3} 2>&1 | tee $OUTDIR/run.log

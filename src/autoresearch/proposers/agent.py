@@ -46,7 +46,7 @@ from .edits import DESCRIPTION_LINE, describe_change
 from .prompt import RECENT, agent_prompt, next_trial_id, one_line
 
 AGENT_DIR = ".autoresearch/agent"
-AGENT_ENV = "AUTORESEARCH_AGENT"  # set in the agent's environment: it runs under the lab's loop
+AGENT_ENV = "AUTORESEARCH_AGENT"  # the proposal's token, in the agent's environment: it runs under the loop
 
 # Claude Code: `-p` is headless. `--dangerously-skip-permissions` (bypassPermissions) refuses to run
 # as root, so edits are allowed by the acceptEdits mode instead, and the tools are limited to
