@@ -3,7 +3,7 @@ import sqlite3
 
 import pytest
 
-from autoresearch.lab.ledger import RESULTS_HEADER, SCHEMA_VERSION, Ledger, LedgerVersionError
+from autoresearch.lab.ledger import RESULTS_HEADER, SCHEMA_VERSION, Ledger, LedgerVersionError, Trial
 
 
 @pytest.fixture
@@ -66,3 +66,14 @@ def test_a_ledger_from_a_newer_version_is_refused_clearly(ledger, tmp_path):
     ledger.set_meta("schema_version", SCHEMA_VERSION + 1)
     with pytest.raises(LedgerVersionError, match="newer autoresearch"):
         Ledger(tmp_path / "ledger.db")
+
+
+def test_a_row_of_another_ledger_version_reads_with_defaults_for_what_it_lacks():
+    db = sqlite3.connect(":memory:")
+    db.row_factory = sqlite3.Row
+    db.execute("CREATE TABLE trials (id INTEGER, kind TEXT, val_bpb REAL, decision TEXT, from_the_future TEXT)")
+    db.execute("INSERT INTO trials VALUES (7, 'baseline', 1.5, 'not json', 'ignored')")
+    trial = Trial.from_row(db.execute("SELECT * FROM trials").fetchone())
+    assert (trial.id, trial.kind, trial.val_bpb) == (7, "baseline", 1.5)
+    assert trial.decision == {} and trial.hardware == {}  # unreadable or missing JSON reads as empty
+    assert (trial.status, trial.description, trial.commit_sha, trial.started_at) == ("running", "", None, 0.0)

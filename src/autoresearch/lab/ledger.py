@@ -66,6 +66,11 @@ def check_schema_version(version, path: Path) -> None:
         )
 
 
+# What a row of an older ledger without the column reads as; other missing columns read as None.
+ROW_DEFAULTS = {"description": "", "diff": "", "reason": "", "proposer": "", "log_path": "", "kind": "candidate",
+                "status": "running", "started_at": 0.0}
+
+
 @dataclass
 class Trial:
     id: int
@@ -102,9 +107,17 @@ class Trial:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Trial":
-        values = dict(row)
+        """A Trial from a row, tolerant of columns an older ledger lacks or a newer one adds (the
+        report reads ledgers of other versions)."""
+        values = {k: row[k] for k in row.keys() if k in cls.__dataclass_fields__}
         for key in cls._json_fields:
-            values[key] = json.loads(values[key] or "{}")
+            try:
+                values[key] = json.loads(values.get(key) or "{}")
+            except (TypeError, json.JSONDecodeError):
+                values[key] = {}
+        for name in cls.__dataclass_fields__:
+            if not name.startswith("_"):
+                values.setdefault(name, ROW_DEFAULTS.get(name))
         return cls(**values)
 
     @property

@@ -58,25 +58,6 @@ def _is_busy(error: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
-def trial_from_row(row: sqlite3.Row) -> Trial:
-    """A Trial from a row, tolerant of columns an older ledger lacks or a newer one adds."""
-    known = Trial.__dataclass_fields__
-    values = {k: row[k] for k in row.keys() if k in known}
-    for key in Trial._json_fields:
-        raw = values.get(key)
-        try:
-            values[key] = json.loads(raw) if raw else {}
-        except (TypeError, json.JSONDecodeError):
-            values[key] = {}
-    defaults = {"description": "", "diff": "", "reason": "", "proposer": "", "log_path": "", "kind": "candidate",
-                "status": "running", "started_at": 0.0}
-    for name in known:
-        if name.startswith("_"):
-            continue
-        values.setdefault(name, defaults.get(name, {} if name in Trial._json_fields else None))
-    return Trial(**values)
-
-
 @dataclass
 class LedgerData:
     trials: list[Trial]
@@ -130,7 +111,7 @@ def _read_once(uri: str, path: Path) -> LedgerData:
             raise LedgerTooNew(str(e)) from None
         trials = []
         if "trials" in tables:
-            trials = [trial_from_row(r) for r in db.execute("SELECT * FROM trials ORDER BY id")]
+            trials = [Trial.from_row(r) for r in db.execute("SELECT * FROM trials ORDER BY id")]
         db.execute("COMMIT")
         return LedgerData(trials, meta)
     finally:
