@@ -163,7 +163,8 @@ class Block(nn.Module):
 
 
 def layer_windows(cfg):
-    """Keys each layer's queries may see: S = half the context, L = all of it; the last layer is L."""
+    """How far back each layer's queries see (attention()): S = half the context, L = all of it; the last
+    layer is L."""
     T = cfg["seq_len"]
     sizes = {"S": T // 2, "L": T}
     pattern = cfg["window_pattern"].upper()
