@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -153,7 +155,7 @@ def test_a_custom_agent_edits_train_py_and_writes_its_description(repo, agents):
     assert call["argv"] == ["--prompt-file", str(folder / "prompt.md"), "--workdir", str(repo)]
     assert call["cwd"] == str(repo)
     assert call["secret"] == "sk-secret"  # the environment is passed through
-    assert call["agent_env"] == f"{os.getpid()}:2"  # with the token that finds the agent's processes again
+    assert call["agent_env"] == str(repo.resolve())  # the token that finds the agent's processes again
 
 
 def test_the_claude_preset_runs_headless_as_root_and_reports_its_cost(repo, agents, monkeypatch):
@@ -241,6 +243,20 @@ def test_what_an_agent_leaves_running_is_killed_even_outside_its_process_group(r
     assert proposer.propose(context(repo)) == "raise LR from 0.003 to 0.03"
     assert len((tmp_path / "agent.pids").read_text().split()) == 1
     assert pids_alive(tmp_path / "agent.pids") == []
+
+
+def test_an_agent_left_running_by_a_lab_that_died_is_killed_before_the_next_one_starts(repo, agents, monkeypatch):
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True,
+                              env={**os.environ, "AUTORESEARCH_AGENT": str(repo.resolve())})
+    monkeypatch.setenv("FAKE_AGENT_WATCH", str(orphan.pid))
+    try:
+        proposer = AgentProposer.from_settings(repo, {"command": CUSTOM})
+        assert proposer.propose(context(repo)) == "raise LR from 0.003 to 0.03"
+        (call,) = agents()
+        assert call["watched_alive"] is False  # gone before the new agent ran, not merely after it
+        assert orphan.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        orphan.kill()
 
 
 def test_an_agent_that_edits_nothing_is_left_to_the_lab(repo, agents, monkeypatch):

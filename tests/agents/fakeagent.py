@@ -10,6 +10,7 @@ environment (the agent proposer passes the environment through):
     FAKE_AGENT_LOG    a file to which each invocation appends a JSON line: argv, cwd, behaviour,
                       whether FAKE_SECRET_API_KEY and AUTORESEARCH_AGENT reached it
     FAKE_AGENT_PIDS   a file to which a hanging or straggling agent writes the pids it leaves
+    FAKE_AGENT_WATCH  a pid whose liveness each invocation logs as it starts
 
 Behaviours: good (edit train.py, write the description file the prompt names), stdout (edit, say
 `DESCRIPTION: ...` in the final answer), silent (edit, say nothing), nothing (edit nothing),
@@ -47,7 +48,18 @@ def log(kind: str, what: str) -> None:
         with open(path, "a") as f:
             f.write(json.dumps({"agent": kind, "argv": sys.argv[1:], "cwd": os.getcwd(), "behaviour": what,
                                 "secret": os.environ.get("FAKE_SECRET_API_KEY"),
-                                "agent_env": os.environ.get("AUTORESEARCH_AGENT")}) + "\n")
+                                "agent_env": os.environ.get("AUTORESEARCH_AGENT"),
+                                "watched_alive": running(os.environ.get("FAKE_AGENT_WATCH"))}) + "\n")
+
+
+def running(pid: str | None) -> bool | None:
+    """Whether the process runs (a zombie, killed and waiting for its parent, does not)."""
+    if not pid:
+        return None
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def edit_train(workspace: Path) -> str:

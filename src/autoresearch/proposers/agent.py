@@ -14,10 +14,12 @@ The description is, in order of preference: the first line of that file; the las
 `DESCRIPTION: ...` line of the agent's final message (Codex writes it to a file), then of its
 stdout (Claude Code's JSON result text, aider's reply); one derived from the change to train.py.
 
-An agent that exits non-zero or runs past `timeout` (its whole process group is killed) makes
-propose() raise: the lab records a crashed proposal and goes on. One that edits nothing, or edits
-other files, is left to the lab's audit ("no change", "rejected edit"). propose() never returns
-None: an agent that stops does not stop the loop. After `backoff_after` failed proposals in a row
+Whatever the agent leaves running is killed when it ends: its process group, and any process that
+left the group but carries the workspace in AUTORESEARCH_AGENT (including one left by a lab that
+died mid-proposal, killed before the next agent starts). An agent that exits non-zero or runs past
+`timeout` makes propose() raise: the lab records a crashed proposal and goes on. One that edits
+nothing, or edits other files, is left to the lab's audit ("no change", "rejected edit").
+propose() never returns None: an agent that stops does not stop the loop. After `backoff_after` failed proposals in a row
 the lab waits (`failure_backoff` seconds, doubling up to 10 minutes) before the next, so a broken
 key overnight costs a row every few minutes rather than thousands.
 
@@ -46,7 +48,7 @@ from .edits import DESCRIPTION_LINE, describe_change
 from .prompt import RECENT, agent_prompt, next_trial_id, one_line
 
 AGENT_DIR = ".autoresearch/agent"
-AGENT_ENV = "AUTORESEARCH_AGENT"  # the proposal's token, in the agent's environment: it runs under the loop
+AGENT_ENV = "AUTORESEARCH_AGENT"  # the workspace, in the agent's environment: it runs under the loop
 
 # Claude Code: `-p` is headless. `--dangerously-skip-permissions` (bypassPermissions) refuses to run
 # as root, so edits are allowed by the acceptEdits mode instead, and the tools are limited to
@@ -169,7 +171,10 @@ class AgentProposer:
         before = train.read_text() if train.exists() else ""
         head_before = git(workspace, "rev-parse", "HEAD", check=False)
         branch_before = git(workspace, "symbolic-ref", "-q", "HEAD", check=False)
-        token = f"{os.getpid()}:{proposal_id}"  # marks the agent's processes, wherever they go
+        # The workspace marks its agent's processes wherever they go. One still alive now was left by
+        # a lab that died (kill -9) during a proposal: it would go on editing the workspace.
+        token = str(workspace)
+        kill_tagged(AGENT_ENV, token)
         env = {**os.environ, **self.env, AGENT_ENV: token}
         self.last_usage = {"agent": self.preset, "seconds": 0.0}
         started = time.monotonic()
@@ -232,7 +237,7 @@ def _fill(arg: str, values: dict[str, str]) -> str:
 
 def _stop(proc: subprocess.Popen, token: str) -> None:
     """SIGTERM to the agent's process group, SIGKILL to what is left after a grace period, and to
-    whatever left the group but carries the proposal's token."""
+    whatever left the group but carries the workspace's token."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):
