@@ -19,9 +19,9 @@ left the group but carries the workspace in AUTORESEARCH_AGENT (including one le
 died mid-proposal, killed before the next agent starts). An agent that exits non-zero or runs past
 `timeout` makes propose() raise: the lab records a crashed proposal and goes on. One that edits
 nothing, or edits other files, is left to the lab's audit ("no change", "rejected edit").
-propose() never returns None: an agent that stops does not stop the loop. After `backoff_after` failed proposals in a row
-the lab waits (`failure_backoff` seconds, doubling up to 10 minutes) before the next, so a broken
-key overnight costs a row every few minutes rather than thousands.
+propose() never returns None: an agent that stops does not stop the loop. After `backoff_after`
+failed proposals in a row the lab waits (`failure_backoff` seconds, doubling up to 10 minutes)
+before the next, so a broken key overnight costs a row every few minutes rather than thousands.
 
 If the agent commits (aider does unless told not to), the commit is undone with `git reset
 --soft`, so the change is in the working tree for the lab to audit and commit itself.
