@@ -23,6 +23,7 @@ from autoresearch.lab.workspace import git
 from lab_helpers import EDITS, ledger_row, make_workspace
 from report_helpers import ledger_trials
 
+
 def autoresearch(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "autoresearch", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=600, **kwargs)
