@@ -10,7 +10,9 @@ Pieces (--only): attention (cuDNN full-causal, PyTorch's FlashAttention-2 full a
 FlexAttention windowed with kernel options, windows stitched exactly from two causal cuDNN or
 FlashAttention-2 calls), softcap (the head's soft-capped cross-entropy, tanh against the same
 function through a sigmoid), qkv (three projections against one on the stacked weights, with RoPE
-and QK-norm after), mlp (ReLU squared, default compile against max-autotune).
+and QK-norm after), rope (RoPE and QK-norm: written with slices and a cat, with roll as train.py
+has it, and as a hand-written Triton kernel), mlp (ReLU squared, default compile against
+max-autotune).
 """
 import argparse
 import json
@@ -229,12 +231,18 @@ def rope_norm(x, cos, sin):
     return TRAIN.norm(TRAIN.rotate(x, cos, sin))
 
 
+def rope_tables():
+    """cos and sin (1, T, 1, D) in bf16, laid out as train.py's GPT keeps them: (cos, cos) and (-sin, sin)."""
+    angles = torch.outer(torch.arange(T, device="cuda").float(), 10000 ** (-torch.arange(D // 2, device="cuda") / (D // 2)))
+    cos, sin = torch.cat([angles.cos()] * 2, dim=-1), torch.cat([-angles.sin(), angles.sin()], dim=-1)
+    return cos[None, :, None, :].bfloat16(), sin[None, :, None, :].bfloat16()
+
+
 def qkv_pieces(iters):
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(B, T, WIDTH, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
     wq, wk, wv = (torch.randn(WIDTH, WIDTH, device="cuda", generator=g).mul_(0.04).requires_grad_() for _ in range(3))
-    angles = torch.outer(torch.arange(T, device="cuda").float(), 10000 ** (-torch.arange(D // 2, device="cuda") / (D // 2)))
-    cos, sin = angles.cos()[None, :, None, :].bfloat16(), angles.sin()[None, :, None, :].bfloat16()
+    cos, sin = rope_tables()
     grads = tuple(torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
 
     def separate(x, wq, wk, wv):
@@ -251,6 +259,103 @@ def qkv_pieces(iters):
     for name, fn in {"three projections": separate, "one projection, stacked weights": stacked}.items():
         results[name] = timed(fwd_bwd(torch.compile(fn, dynamic=False), (x, wq, wk, wv), grads), iters)
         print(name, results[name], flush=True)
+    return results
+
+
+def rope_with_slices(x, cos, sin):
+    """RoPE and QK-norm as train.py wrote them until 2026-11-24, with cos and sin of the first half only."""
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return TRAIN.norm(torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1))
+
+
+def triton_rope_norm():
+    """RoPE then QK-norm as one hand-written Triton kernel each way; the backward works from the output
+    (which the attention keeps anyway) and 1/rms, so nothing else is saved. Measured, not adopted."""
+    import triton
+    import triton.language as tl
+
+    ROWS = 16  # (position, head) rows of D channels per program
+
+    @triton.jit
+    def forward_kernel(X, COS, SIN, Y, RSTD, n_rows, H, T, eps, HALF: tl.constexpr, ROWS: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        live = (rows < n_rows)[:, None]
+        cols = tl.arange(0, HALF)[None, :]
+        at = rows[:, None] * (2 * HALF)
+        t = ((rows // H) % T)[:, None] * HALF
+        x1 = tl.load(X + at + cols, mask=live).to(tl.float32)
+        x2 = tl.load(X + at + HALF + cols, mask=live).to(tl.float32)
+        c, s = tl.load(COS + t + cols, mask=live).to(tl.float32), tl.load(SIN + t + cols, mask=live).to(tl.float32)
+        r1, r2 = x1 * c - x2 * s, x1 * s + x2 * c
+        rstd = tl.rsqrt((tl.sum(r1 * r1, 1) + tl.sum(r2 * r2, 1)) / (2 * HALF) + eps)
+        tl.store(Y + at + cols, (r1 * rstd[:, None]).to(Y.dtype.element_ty), mask=live)
+        tl.store(Y + at + HALF + cols, (r2 * rstd[:, None]).to(Y.dtype.element_ty), mask=live)
+        tl.store(RSTD + rows, rstd, mask=rows < n_rows)
+
+    @triton.jit
+    def backward_kernel(DY, Y, COS, SIN, RSTD, DX, n_rows, H, T, sb, st, sh, HALF: tl.constexpr, ROWS: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        live = (rows < n_rows)[:, None]
+        cols = tl.arange(0, HALF)[None, :]
+        at = rows[:, None] * (2 * HALF)
+        h, t, b = (rows % H)[:, None], ((rows // H) % T)[:, None], (rows // (H * T))[:, None]
+        dat = b.to(tl.int64) * sb + t * st + h * sh  # the gradient may come in the attention's layout
+        dy1 = tl.load(DY + dat + cols, mask=live).to(tl.float32)
+        dy2 = tl.load(DY + dat + HALF + cols, mask=live).to(tl.float32)
+        y1, y2 = tl.load(Y + at + cols, mask=live).to(tl.float32), tl.load(Y + at + HALF + cols, mask=live).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=rows < n_rows)[:, None]
+        dot = ((tl.sum(dy1 * y1, 1) + tl.sum(dy2 * y2, 1)) / (2 * HALF))[:, None]
+        dr1, dr2 = rstd * (dy1 - y1 * dot), rstd * (dy2 - y2 * dot)  # through the norm
+        c, s = tl.load(COS + t * HALF + cols, mask=live).to(tl.float32), tl.load(SIN + t * HALF + cols, mask=live).to(tl.float32)
+        tl.store(DX + at + cols, (dr1 * c + dr2 * s).to(DX.dtype.element_ty), mask=live)  # and back through the rotation
+        tl.store(DX + at + HALF + cols, (dr2 * c - dr1 * s).to(DX.dtype.element_ty), mask=live)
+
+    class RopeNorm(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, cos, sin):  # x (B, T, H, D) contiguous; cos, sin (T, D/2)
+            b, t, h, d = x.shape
+            y, rstd = torch.empty_like(x), torch.empty(b * t * h, device=x.device)
+            grid = (triton.cdiv(b * t * h, ROWS),)
+            forward_kernel[grid](x, cos, sin, y, rstd, b * t * h, h, t, torch.finfo(x.dtype).eps, HALF=d // 2, ROWS=ROWS)
+            ctx.save_for_backward(y, cos, sin, rstd)
+            return y
+
+        @staticmethod
+        def backward(ctx, dy):
+            y, cos, sin, rstd = ctx.saved_tensors
+            b, t, h, d = y.shape
+            dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+            dx = torch.empty_like(y)
+            grid = (triton.cdiv(b * t * h, ROWS),)
+            backward_kernel[grid](dy, y, cos, sin, rstd, dx, b * t * h, h, t, dy.stride(0), dy.stride(1), dy.stride(2),
+                                  HALF=d // 2, ROWS=ROWS)
+            return dx, None, None
+
+    return RopeNorm.apply
+
+
+def rope_pieces(iters):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    cos, sin = rope_tables()
+    half_cos, half_sin = cos[..., : D // 2], sin[..., D // 2:]
+    table_cos, table_sin = half_cos[0, :, 0].contiguous(), half_sin[0, :, 0].contiguous()
+    kernel = triton_rope_norm()
+    pieces = {
+        "slices and cat": torch.compile(lambda x: rope_with_slices(x, half_cos, half_sin), dynamic=False),
+        "roll (train.py)": torch.compile(lambda x: rope_norm(x, cos, sin), dynamic=False),
+        "Triton kernel": lambda x: kernel(x, table_cos, table_sin),
+    }
+    # The gradient arrives in FlexAttention's layout: (B, H, T, D) in memory, seen as (B, T, H, D).
+    grad = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    results, outputs = {}, {}
+    for name, fn in pieces.items():
+        results[name] = timed(fwd_bwd(fn, (x,), (grad,)), iters)
+        outputs[name] = fn(x).float()
+        print(name, results[name], flush=True)
+    for name in ("roll (train.py)", "Triton kernel"):
+        results[name]["max_abs_diff_vs_slices"] = (outputs[name] - outputs["slices and cat"]).abs().max().item()
     return results
 
 
@@ -273,7 +378,8 @@ def mlp_pieces(iters):
     return results
 
 
-PIECES = {"attention": attention_pieces, "softcap": softcap_pieces, "qkv": qkv_pieces, "mlp": mlp_pieces}
+PIECES = {"attention": attention_pieces, "softcap": softcap_pieces, "qkv": qkv_pieces, "rope": rope_pieces,
+          "mlp": mlp_pieces}
 
 
 def main():

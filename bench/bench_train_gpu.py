@@ -16,7 +16,8 @@ cuDNN), the same two with PyTorch's default SDPA backend order (-default-sdpa), 
 max-autotune: Triton GEMMs with fused epilogues) and flex-autotune (max-autotune of FlexAttention's
 kernels alone), which compile for minutes; cudagraphs (Inductor's CUDA graphs, as
 mode="reduce-overhead"), fast-math and two-pass-softmax (Inductor options for the fused
-elementwise kernels). These last six run only when named. --template measures
+elementwise kernels), no-prologue-fusion (RoPE and QK-norm kept out of FlexAttention's kernel).
+These last seven run only when named. --template measures
 another train.py, such as an older one, side by side. --profile prints a CUDA kernel table of one
 step.
 """
@@ -47,8 +48,11 @@ VARIANTS = {
     "cudagraphs": dict(overrides={}, cudnn=True, inductor={"triton.cudagraphs": True}, cudagraphs=True),  # mode="reduce-overhead"
     "fast-math": dict(overrides={}, cudnn=True, inductor={"use_fast_math": True}),
     "two-pass-softmax": dict(overrides={}, cudnn=True, inductor={"online_softmax": False}),
+    # RoPE and QK-norm stay out of FlexAttention's kernel instead of being recomputed in its prologue.
+    "no-prologue-fusion": dict(overrides={}, cudnn=True, inductor={"prologue_fusion": False}),
 }
-NAMED_ONLY = ("ref-cdt", "ma", "flex-autotune", "cudagraphs", "fast-math", "two-pass-softmax")
+PROFILE_MARK = "CUDA kernels of one step:\n"
+NAMED_ONLY = ("ref-cdt", "ma", "flex-autotune", "cudagraphs", "fast-math", "two-pass-softmax", "no-prologue-fusion")
 
 
 def load_template(overrides):
@@ -62,7 +66,7 @@ def load_template(overrides):
     return t
 
 
-def run_one(name, steps, warmup, data, profile=False):
+def run_one(name, steps, warmup, data, profile_rows=0):
     import torch
     import torch._inductor.config
     import torch.nn.functional as F
@@ -146,7 +150,7 @@ def run_one(name, steps, warmup, data, profile=False):
             from torch._dynamo.utils import compile_times
 
             print(compile_times(repr="str"), file=sys.stderr, flush=True)
-    if profile:
+    if profile_rows:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
@@ -154,8 +158,8 @@ def run_one(name, steps, warmup, data, profile=False):
             forward_backward()
             optimizer_step(warmup + steps)
             torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
-        print(table, file=sys.stderr, flush=True)
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=profile_rows, max_name_column_width=110)
+        print(PROFILE_MARK + table, file=sys.stderr, flush=True)
     warm_s = sum(times[:warmup])
     timed, timed_opt = times[warmup:], opt_times[warmup:]
     med = statistics.median(timed)
@@ -197,13 +201,15 @@ def main():
     ap.add_argument("--data", default="", help="prepared h100 data folder (default: random tokens)")
     ap.add_argument("--template", default=str(TEMPLATE), help="the train.py to measure (default: the shipped one)")
     ap.add_argument("--json", default="", help="write the results here")
-    ap.add_argument("--profile", action="store_true", help="print a CUDA kernel profile of one step (stderr)")
+    ap.add_argument("--profile", action="store_true", help="print a CUDA kernel profile of one step")
+    ap.add_argument("--profile-rows", type=int, default=60, help="kernels in that profile, the slowest first")
     ap.add_argument("--timeout", type=float, default=600, help="seconds allowed to each variant's process")
     ap.add_argument("--logs", default="", help="keep each variant's stdout and stderr in this folder")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.one, args.steps, args.warmup, args.data, args.profile)), flush=True)
+        rows = args.profile_rows if args.profile else 0
+        print("RESULT " + json.dumps(run_one(args.one, args.steps, args.warmup, args.data, rows)), flush=True)
         return
     results, caches = [], {}
     for name in args.variants.split(","):
@@ -213,7 +219,7 @@ def main():
         caches[name] = cache
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "BENCH_TEMPLATE": args.template}
         cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--data", args.data] + (["--profile"] if args.profile else [])
+               "--data", args.data] + (["--profile", "--profile-rows", str(args.profile_rows)] if args.profile else [])
         t0 = time.time()
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -229,7 +235,7 @@ def main():
             print(f"{name}: FAILED (exit {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}", flush=True)
             continue
         if args.profile:
-            print(proc.stderr[-12000:], flush=True)
+            print(proc.stderr[proc.stderr.find(PROFILE_MARK):], flush=True)
         r = json.loads(lines[-1][7:])
         r["process_s"] = round(time.time() - t0, 1)
         results.append(r)

@@ -146,6 +146,19 @@ def test_logits_are_soft_capped_fp32(train):
     assert logits.abs().max() <= 15.0 and logits.abs().max() > 14.0
 
 
+def test_rope_rotates_each_pair_by_its_angle(train):
+    model = train.build_model(small_config())  # head_dim 16: pairs (i, i + 8)
+    x = torch.randn(2, 32, 4, 16)
+    out = train.rotate(x, model.cos, model.sin)
+    t, i = 5, 3
+    angle = torch.tensor(t * train.ROPE_BASE ** (-i / 8))
+    x1, x2 = x[:, t, :, i], x[:, t, :, i + 8]
+    assert torch.allclose(out[:, t, :, i], x1 * angle.cos() - x2 * angle.sin(), atol=1e-5)
+    assert torch.allclose(out[:, t, :, i + 8], x1 * angle.sin() + x2 * angle.cos(), atol=1e-5)
+    assert torch.allclose(out[:, 0], x[:, 0])  # position 0 is not rotated
+    assert torch.allclose(out.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+
+
 @pytest.mark.parametrize("n_kv_head", [4, 2])
 def test_causal(train, n_kv_head):
     torch.manual_seed(1)
