@@ -55,14 +55,16 @@ PROFILE_MARK = "CUDA kernels of one step:\n"
 NAMED_ONLY = ("ref-cdt", "ma", "flex-autotune", "cudagraphs", "fast-math", "two-pass-softmax", "no-prologue-fusion")
 
 
-def load_template(overrides):
-    spec = importlib.util.spec_from_file_location("train_bench", os.environ.get("BENCH_TEMPLATE", TEMPLATE))
+def load_template(overrides=None, path=None, name="train_bench"):
+    """A train.py as module `name`: `path`, else $BENCH_TEMPLATE, else the shipped one; with
+    `overrides` (constant -> value) set on it."""
+    spec = importlib.util.spec_from_file_location(name, path or os.environ.get("BENCH_TEMPLATE", TEMPLATE))
     t = importlib.util.module_from_spec(spec)
-    sys.modules["train_bench"] = t  # torch.compile looks module globals up by module name
+    sys.modules[name] = t  # torch.compile looks module globals up by module name
     spec.loader.exec_module(t)
-    for name, value in overrides.items():
-        assert hasattr(t, name), name
-        setattr(t, name, value)
+    for constant, value in (overrides or {}).items():
+        assert hasattr(t, constant), constant
+        setattr(t, constant, value)
     return t
 
 

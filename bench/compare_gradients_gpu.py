@@ -7,20 +7,11 @@ alone. The first file is also run twice, which shows the run-to-run difference o
     PYTHONPATH=src python bench/compare_gradients_gpu.py OLD_train.py NEW_train.py [--rows 16]
 """
 import argparse
-import importlib.util
-import sys
 
 import torch
+from bench_train_gpu import load_template  # a script beside this one
 
 T, VOCAB = 2048, 8192
-
-
-def load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # torch.compile looks module globals up by module name
-    spec.loader.exec_module(module)
-    return module
 
 
 def loss_and_grads(train, state, x, y):
@@ -41,7 +32,7 @@ def main():
     ap.add_argument("--rows", type=int, default=16, help="batch rows of 2048 tokens")
     args = ap.parse_args()
     torch.set_float32_matmul_precision("high")
-    a, b = load(args.a, "train_a"), load(args.b, "train_b")
+    a, b = load_template(path=args.a, name="train_a"), load_template(path=args.b, name="train_b")
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = a.build_model(a.model_config(VOCAB, T))

@@ -5,12 +5,10 @@ order main() makes them, on the device and data the environment names (as the la
         PYTHONPATH=src python bench/startup_timeline.py [--template PATH]
 """
 import argparse
-import importlib.util
 import sys
 import time
-from pathlib import Path
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "src" / "autoresearch" / "templates" / "train.py"
+from bench_train_gpu import TEMPLATE, load_template  # a script beside this one
 
 
 def main():
@@ -30,10 +28,7 @@ def main():
     import torch
 
     mark("import torch")
-    spec = importlib.util.spec_from_file_location("train", args.template)
-    t = importlib.util.module_from_spec(spec)
-    sys.modules["train"] = t
-    spec.loader.exec_module(t)
+    t = load_template(path=args.template, name="train")
     mark("import train.py (and the harness)")
     run = t.harness.start_run()
     mark("harness.start_run()")
