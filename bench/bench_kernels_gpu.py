@@ -6,8 +6,9 @@ a whole model's. Run with an empty Inductor cache to see cold compile times:
 
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) PYTHONPATH=src python bench/bench_kernels_gpu.py --json out.json
 
-Pieces (--only): attention (cuDNN full-causal, PyTorch's FlashAttention-2 full and windowed,
-FlexAttention windowed with kernel options, windows stitched exactly from two causal cuDNN or
+Pieces (--only): attention (cuDNN full-causal through SDPA; cuDNN full-causal and windowed through
+the frontend, as train.py runs them on Hopper; PyTorch's FlashAttention-2 full and windowed;
+FlexAttention windowed with kernel options; windows stitched exactly from two causal cuDNN or
 FlashAttention-2 calls), softcap (the head's soft-capped cross-entropy, tanh against the same
 function through a sigmoid), qkv (three projections against one on the stacked weights, with RoPE
 and QK-norm after), rope (RoPE and QK-norm: written with slices and a cat, with roll as train.py
@@ -23,6 +24,8 @@ import time
 import torch
 import torch.nn.functional as F
 from bench_train_gpu import load_template  # a script beside this one
+
+from autoresearch.harness import cudnn_attention
 
 B, T, H, D, WIDTH, VOCAB, WINDOW = 128, 2048, 4, 128, 512, 8192, 1024
 TRAIN = load_template({})  # the shipped train.py, for the pieces that are its own functions
@@ -173,8 +176,17 @@ def attention_pieces(iters):
 
         return torch.compile(run, dynamic=False)
 
+    def cudnn_band(window):  # cuDNN's diagonal band through the frontend, as train.py calls it on Hopper
+        def run(q, k, v):
+            return cudnn_attention.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             window).transpose(1, 2)
+
+        return run
+
     pieces = {
         "cudnn full-causal": cudnn_full,
+        "cudnn frontend full-causal": cudnn_band(T),
+        f"cudnn frontend window {WINDOW}": cudnn_band(WINDOW),
         "flash2 full-causal": flash(T),
         f"flash2 window {WINDOW}": flash(WINDOW),
         f"flex window {WINDOW}": flex({}),
@@ -192,7 +204,9 @@ def attention_pieces(iters):
             results[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
         print(name, results[name], flush=True)
     # Same function on every path: the largest difference from a reference path, output and gradients.
-    for name, ref in [("flash2 full-causal", "cudnn full-causal"), (f"flash2 window {WINDOW}", f"flex window {WINDOW}"),
+    for name, ref in [("flash2 full-causal", "cudnn full-causal"), ("cudnn frontend full-causal", "cudnn full-causal"),
+                      (f"cudnn frontend window {WINDOW}", f"flex window {WINDOW}"),
+                      (f"flash2 window {WINDOW}", f"flex window {WINDOW}"),
                       (f"cudnn stitched window {WINDOW}", f"flex window {WINDOW}"),
                       (f"flash2 stitched window {WINDOW}", f"flex window {WINDOW}")]:
         if name in outputs and ref in outputs:

@@ -156,12 +156,18 @@ def run_one(name, steps, warmup, data, profile_rows=0):
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
+        torch.cuda.synchronize()
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
             forward_backward()
             optimizer_step(warmup + steps)
             torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=profile_rows, max_name_column_width=110)
-        print(PROFILE_MARK + table, file=sys.stderr, flush=True)
+            profiled_ms = 1000 * (time.perf_counter() - t0)
+        averages = prof.key_averages()
+        table = averages.table(sort_by="cuda_time_total", row_limit=profile_rows, max_name_column_width=110)
+        kernel_ms = sum(e.self_device_time_total for e in averages) / 1000
+        print(PROFILE_MARK + table + f"\n{kernel_ms:.1f} ms of kernels in a {profiled_ms:.1f} ms step (the GPU idles "
+              f"{profiled_ms - kernel_ms:.1f} ms)", file=sys.stderr, flush=True)
     warm_s = sum(times[:warmup])
     timed, timed_opt = times[warmup:], opt_times[warmup:]
     med = statistics.median(timed)

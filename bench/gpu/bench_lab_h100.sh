@@ -2,9 +2,7 @@
 # Lab overhead on the GPU box: bench/bench_lab.py with the h100 profile on carried data.
 set -euo pipefail
 OUTDIR=${1:-/tmp/lab}
-ROOT=$(pwd)
-export PYTHONPATH=$ROOT/src PYTHONUNBUFFERED=1
-source bench/gpu/unpack_data.sh
+source bench/gpu/setup.sh
 git config --global user.email bench@localhost; git config --global user.name bench
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__)"

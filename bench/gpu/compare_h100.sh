@@ -5,9 +5,7 @@
 set -euo pipefail
 OUTDIR=$1; shift
 BUDGET=${BUDGET:-40}
-ROOT=$(pwd)
-export PYTHONPATH=$ROOT/src PYTHONUNBUFFERED=1
-source bench/gpu/unpack_data.sh
+source bench/gpu/setup.sh
 for script in "$@"; do
   name=$(basename "$script" .py)
   WS=$(mktemp -d); cp "$script" $WS/train.py

@@ -3,14 +3,12 @@
 # carried data (.data/gpu/h100), first with an empty Inductor cache (cold compile), then with the
 # cache the first run left (warm, as every later trial on the machine). Overhead is the process's
 # wall time minus its training time (start-up, compile, uncounted warm-up steps, checkpoint,
-# evaluation). Usage (repository root): BUDGET=30 bash bench/gpu/overhead_h100.sh OUTDIR
+# evaluation). Usage (repository root): BUDGET=30 [TEMPLATE=other/train.py] bash bench/gpu/overhead_h100.sh OUTDIR
 set -euo pipefail
 OUTDIR=${1:-/tmp/overhead_h100}
 BUDGET=${BUDGET:-30}
-ROOT=$(pwd)
-export PYTHONPATH=$ROOT/src PYTHONUNBUFFERED=1
-source bench/gpu/unpack_data.sh
-WS=$(mktemp -d); cp src/autoresearch/templates/train.py $WS/
+source bench/gpu/setup.sh
+WS=$(mktemp -d); cp ${TEMPLATE:-src/autoresearch/templates/train.py} $WS/train.py
 export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
 cd $WS
 for run in cold warm; do

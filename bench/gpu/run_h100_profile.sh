@@ -4,9 +4,7 @@
 # checkpoint in a fresh process, as the lab does it. Usage (repository root): bash bench/gpu/run_h100_profile.sh OUTDIR
 set -euo pipefail
 OUTDIR=${1:-/tmp/run_h100}
-ROOT=$(pwd)
-export PYTHONPATH=$ROOT/src PYTHONUNBUFFERED=1
-source bench/gpu/unpack_data.sh
+source bench/gpu/setup.sh
 WS=$(mktemp -d); cp src/autoresearch/templates/train.py $WS/
 cd $WS
 START=$(date +%s)

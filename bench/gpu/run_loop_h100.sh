@@ -1,12 +1,9 @@
 #!/bin/bash
 # The real loop on the GPU box: workspace for the h100 profile (budget shortened), baseline x3,
-# three `search` proposals, then status and report. Wheels for optuna and rich are carried in .whl.
+# three `search` proposals, then status and report. (bench/gpu/setup.sh installs the carried wheels.)
 set -uo pipefail
 OUTDIR=${1:-/tmp/loop}
-ROOT=$(pwd)
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$ROOT/src PYTHONUNBUFFERED=1
-source bench/gpu/unpack_data.sh
+source bench/gpu/setup.sh
 git config --global user.email loop@localhost; git config --global user.name loop
 python3 - <<PY
 from pathlib import Path

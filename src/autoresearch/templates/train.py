@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autoresearch import harness
+from autoresearch.harness import cudnn_attention
 
 # ---------------------------------------------------------------------------------------------
 # Hyperparameters: one `NAME = literal` per line (searches parse and rewrite these lines).
@@ -91,11 +92,14 @@ def window_mask(T, window, device):
 def attention(q, k, v, window, path="sdpa", block_mask=None):
     """Causal attention on (B, H, T, D) tensors; each query sees itself and the `window` keys before
     it. Every path computes the same function; they differ in speed only.
+      cudnn: cuDNN's fused kernels, sliding windows included (Hopper, with nvidia-cudnn-frontend)
       flex:  FlexAttention with a block-sparse mask (sliding windows; needs torch.compile)
       sdpa:  scaled_dot_product_attention (cuDNN/flash for full causal, an explicit mask otherwise)
       plain: softmax(q k^T / sqrt(D)) v in fp32, the reference the tests compare against
     """
     T, gqa = q.size(2), q.size(1) != k.size(1)
+    if path == "cudnn":
+        return cudnn_attention.attention(q, k, v, window)
     if path == "flex" and block_mask is not None and torch.compiler.is_compiling():
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -195,7 +199,7 @@ class GPT(nn.Module):
         self.register_buffer("cos", torch.cat([angles.cos(), angles.cos()], dim=-1), persistent=False)
         self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], dim=-1), persistent=False)
         # Set by the training script for this process's kernels; not part of the checkpoint.
-        self.attn_path = "sdpa"  # "sdpa", "flex" (sliding windows under torch.compile) or "plain"
+        self.attn_path = "sdpa"  # "sdpa", "cudnn", "flex" (sliding windows under torch.compile) or "plain"
         self.block_masks = {}  # window -> FlexAttention BlockMask
         self.init_weights()
 
@@ -442,8 +446,10 @@ def setup_device(model, device):
     autocast, attn_kernels, paths = contextlib.nullcontext(), contextlib.nullcontext(), "sdpa"
     if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
         autocast = torch.autocast(device.type, dtype=torch.bfloat16)
-    if device.type == "cuda":
-        if torch.cuda.get_device_capability(device) >= (9, 0):  # Hopper: cuDNN attention is the fastest exact one
+    if cudnn_attention.available(device):  # Hopper: cuDNN's fused attention is the fastest exact one
+        model.attn_path, paths = "cudnn", "cudnn"
+    elif device.type == "cuda":
+        if torch.cuda.get_device_capability(device) >= (9, 0):  # without the frontend, cuDNN through SDPA
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
