@@ -9,14 +9,16 @@ cold.
     PYTHONPATH=src python bench/bench_train_gpu.py                    # the quick variants
     PYTHONPATH=src python bench/bench_train_gpu.py --variants ref,L --steps 30 --json out.json
 
-Variants: ref (the template as shipped: SSSL, cuDNN SDPA for full layers, FlexAttention for the
-sliding windows), ref-warm (ref again on the compile cache ref left), L (every layer full-causal on
-cuDNN), the same two with PyTorch's default SDPA backend order (-default-sdpa), ref-b64 (device batch
-64, 4 accumulation steps), ref-cdt (Inductor's coordinate-descent tuning), ma (Inductor's
-max-autotune: Triton GEMMs with fused epilogues) and flex-autotune (max-autotune of FlexAttention's
-kernels alone), which compile for minutes; cudagraphs (Inductor's CUDA graphs, as
+Variants: ref (the template as shipped: SSSL; on Hopper with nvidia-cudnn-frontend, every layer on
+cuDNN's fused attention), flex (train.py's fallback without the frontend: cuDNN SDPA for full layers,
+FlexAttention for the sliding windows), ref-warm (ref again on the compile cache ref left), L (every
+layer full-causal), the fallback's two with PyTorch's default SDPA backend order (-default-sdpa),
+ref-b64 (device batch 64, 4 accumulation steps), ref-cdt (Inductor's coordinate-descent tuning), ma (Inductor's
+max-autotune: Triton GEMMs with fused epilogues) and flex-autotune (the fallback, with max-autotune
+of FlexAttention's kernels alone), which compile for minutes; cudagraphs (Inductor's CUDA graphs, as
 mode="reduce-overhead"), fast-math and two-pass-softmax (Inductor options for the fused
-elementwise kernels), no-prologue-fusion (RoPE and QK-norm kept out of FlexAttention's kernel).
+elementwise kernels), no-prologue-fusion (the fallback, with RoPE and QK-norm kept out of
+FlexAttention's kernel).
 These last seven run only when named. --template measures
 another train.py, such as an older one, side by side. --profile prints a CUDA kernel table of one
 step.
@@ -31,25 +33,30 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "src" / "autoresearch" / "templates" / "train.py"
+# cudnn: SDPA's cuDNN backend first, as train.py sets it; frontend=False: train.py as on a machine without
+# nvidia-cudnn-frontend, which serves attention through SDPA and FlexAttention.
 VARIANTS = {
     "ref": dict(overrides={}, cudnn=True),
+    "flex": dict(overrides={}, cudnn=True, frontend=False),
     "L": dict(overrides={"WINDOW_PATTERN": "L"}, cudnn=True),
-    "ref-default-sdpa": dict(overrides={}, cudnn=False),
-    "L-default-sdpa": dict(overrides={"WINDOW_PATTERN": "L"}, cudnn=False),
+    "ref-default-sdpa": dict(overrides={}, cudnn=False, frontend=False),
+    "L-default-sdpa": dict(overrides={"WINDOW_PATTERN": "L"}, cudnn=False, frontend=False),
     "ref-b64": dict(overrides={"DEVICE_BATCH_SIZE": 64}, cudnn=True),
     "ref-cdt": dict(overrides={}, cudnn=True, inductor={"coordinate_descent_tuning": True}),
     "ref-warm": dict(overrides={}, cudnn=True, cache_from="ref"),
     "ma": dict(overrides={}, cudnn=True, inductor={"max_autotune": True}),
     # max-autotune with cuBLAS as the only GEMM: only FlexAttention's kernel configurations are tuned.
-    "flex-autotune": dict(overrides={}, cudnn=True, inductor={"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}),
+    "flex-autotune": dict(overrides={}, cudnn=True, frontend=False,
+                          inductor={"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}),
     "cudagraphs": dict(overrides={}, cudnn=True, inductor={"triton.cudagraphs": True}, cudagraphs=True),  # mode="reduce-overhead"
     "fast-math": dict(overrides={}, cudnn=True, inductor={"use_fast_math": True}),
     "two-pass-softmax": dict(overrides={}, cudnn=True, inductor={"online_softmax": False}),
     # RoPE and QK-norm stay out of FlexAttention's kernel instead of being recomputed in its prologue.
-    "no-prologue-fusion": dict(overrides={}, cudnn=True, inductor={"prologue_fusion": False}),
+    "no-prologue-fusion": dict(overrides={}, cudnn=True, frontend=False, inductor={"prologue_fusion": False}),
 }
 PROFILE_MARK = "CUDA kernels of one step:\n"
 NAMED_ONLY = ("ref-cdt", "ma", "flex-autotune", "cudagraphs", "fast-math", "two-pass-softmax", "no-prologue-fusion")
@@ -89,6 +96,8 @@ def run_one(name, steps, warmup, data, profile_rows=0):
     flops, flops_exact = t.flops_per_token(model), t.flops_per_token(model, exact=True)
     peak = t.peak_flops(torch.cuda.get_device_name(device))
     opt = t.setup_optimizer(model)
+    if not variant.get("frontend", True) and hasattr(t, "cudnn_attention"):  # older templates lack it
+        t.cudnn_attention = types.SimpleNamespace(available=lambda device: False)
     autocast, kernels, paths = t.setup_device(model, device)
     if not variant["cudnn"]:
         kernels, paths = contextlib.nullcontext(), paths.replace("sdpa(cudnn)", "sdpa")

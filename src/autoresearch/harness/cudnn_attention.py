@@ -109,15 +109,17 @@ def _build(cudnn, handle, kind: str, window: int, tensors: dict[int, torch.Tenso
     graph = cudnn.pygraph(handle=handle, io_data_type=io, intermediate_data_type=cudnn.data_type.FLOAT,
                           compute_data_type=cudnn.data_type.FLOAT)
 
+    def data_type(t):  # the log-sum-exps are fp32, the rest q's dtype
+        return cudnn.data_type.FLOAT if t.dtype == torch.float32 else io
+
     def declare(uid):
         t = tensors[uid]
-        return graph.tensor(name=str(uid), dim=list(t.shape), stride=list(t.stride()), uid=uid,
-                            data_type=cudnn.data_type.FLOAT if t.dtype == torch.float32 else io)
+        return graph.tensor(name=str(uid), dim=list(t.shape), stride=list(t.stride()), uid=uid, data_type=data_type(t))
 
     def output(node, uid):
         t = tensors[uid]
         node.set_uid(uid).set_output(True).set_dim(list(t.shape)).set_stride(list(t.stride()))
-        node.set_data_type(cudnn.data_type.FLOAT if t.dtype == torch.float32 else io)
+        node.set_data_type(data_type(t))
 
     T = tensors[Q].size(2)
     # The band keeps key j for query i when i - window <= j <= i; cuDNN's left bound counts the query itself.
