@@ -10,7 +10,7 @@ Pieces (--only): attention (cuDNN full-causal through SDPA; cuDNN full-causal an
 the frontend, as train.py runs them on Hopper; PyTorch's FlashAttention-2 full and windowed;
 FlexAttention windowed with kernel options; windows stitched exactly from two causal cuDNN or
 FlashAttention-2 calls), softcap (the head's soft-capped cross-entropy, tanh against the same
-function through a sigmoid), qkv (three projections against one on the stacked weights, with RoPE
+function through a sigmoid and against the harness's fused op), qkv (three projections against one on the stacked weights, with RoPE
 and QK-norm after), rope (RoPE and QK-norm: written with slices and a cat, with roll as train.py
 has it, and as a hand-written Triton kernel), mlp (ReLU squared, default compile against
 max-autotune).
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from bench_train_gpu import load_template  # a script beside this one
 
-from autoresearch.harness import cudnn_attention
+from autoresearch.harness import cudnn_attention, softcap_loss
 
 B, T, H, D, WIDTH, VOCAB, WINDOW = 128, 2048, 4, 128, 512, 8192, 1024
 TRAIN = load_template({})  # the shipped train.py, for the pieces that are its own functions
@@ -231,6 +231,7 @@ def softcap_pieces(iters):
     pieces = {
         "15 tanh(x / 15)": loss_with(lambda x: 15 * torch.tanh(x / 15)),
         "15 (2 sigmoid(2x / 15) - 1)": loss_with(lambda x: 15 * (2 * torch.sigmoid(x * (2 / 15)) - 1)),
+        "fused (harness/softcap_loss.py, as train.py runs it)": lambda h, w: softcap_loss.cross_entropy(h, w, y, 15.0),
     }
     results = {}
     for name, fn in pieces.items():

@@ -10,9 +10,10 @@ cold.
     PYTHONPATH=src python bench/bench_train_gpu.py --variants ref,L --steps 30 --json out.json
 
 Variants: ref (the template as shipped: SSSL; on Hopper with nvidia-cudnn-frontend, every layer on
-cuDNN's fused attention), flex (train.py's fallback without the frontend: cuDNN SDPA for full layers,
-FlexAttention for the sliding windows), ref-warm (ref again on the compile cache ref left), L (every
-layer full-causal), the fallback's two with PyTorch's default SDPA backend order (-default-sdpa),
+cuDNN's fused attention; on CUDA, the harness's fused soft-capped cross-entropy), flex (train.py's
+fallback without the frontend: cuDNN SDPA for full layers, FlexAttention for the sliding windows),
+plain-loss (the loss written in PyTorch, as train.py runs it without Triton), ref-warm (ref again on
+the compile cache ref left), L (every layer full-causal), the fallback's two with PyTorch's default SDPA backend order (-default-sdpa),
 ref-b64 (device batch 64, 4 accumulation steps), ref-cdt (Inductor's coordinate-descent tuning), ma (Inductor's
 max-autotune: Triton GEMMs with fused epilogues) and flex-autotune (the fallback, with max-autotune
 of FlexAttention's kernels alone), which compile for minutes; cudagraphs (Inductor's CUDA graphs, as
@@ -42,6 +43,7 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "src" / "autoresearch" / "te
 VARIANTS = {
     "ref": dict(overrides={}, cudnn=True),
     "flex": dict(overrides={}, cudnn=True, frontend=False),
+    "plain-loss": dict(overrides={}, cudnn=True, fused_loss=False),
     "L": dict(overrides={"WINDOW_PATTERN": "L"}, cudnn=True),
     "ref-default-sdpa": dict(overrides={}, cudnn=False, frontend=False),
     "L-default-sdpa": dict(overrides={"WINDOW_PATTERN": "L"}, cudnn=False, frontend=False),
@@ -75,6 +77,16 @@ def load_template(overrides=None, path=None, name="train_bench"):
     return t
 
 
+def make_loss_fn(t, model, device, fused=True):
+    """The compiled training loss as train.py makes it: with the harness's fused soft-capped cross-entropy
+    where it is available, unless `fused` is False. Older templates have no fused loss."""
+    import inspect
+
+    if "fused" not in inspect.signature(t.make_loss_fn).parameters:
+        return t.make_loss_fn(model, compiled=True)
+    return t.make_loss_fn(model, compiled=True, fused=fused and t.softcap_loss.available(device))
+
+
 def run_one(name, steps, warmup, data, profile_rows=0):
     import torch
     import torch._inductor.config
@@ -101,7 +113,7 @@ def run_one(name, steps, warmup, data, profile_rows=0):
     autocast, kernels, paths = t.setup_device(model, device)
     if not variant["cudnn"]:
         kernels, paths = contextlib.nullcontext(), paths.replace("sdpa(cudnn)", "sdpa")
-    loss_fn = t.make_loss_fn(model, compiled=True)
+    loss_fn = make_loss_fn(t, model, device, variant.get("fused_loss", True))
 
     if data:
         from autoresearch import harness

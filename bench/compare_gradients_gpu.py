@@ -9,7 +9,7 @@ alone. The first file is also run twice, which shows the run-to-run difference o
 import argparse
 
 import torch
-from bench_train_gpu import load_template  # a script beside this one
+from bench_train_gpu import load_template, make_loss_fn  # a script beside this one
 
 T, VOCAB = 2048, 8192
 
@@ -20,7 +20,7 @@ def loss_and_grads(train, state, x, y):
     model.load_state_dict(state)
     autocast, kernels, _ = train.setup_device(model, torch.device("cuda"))
     with kernels, autocast:
-        loss = train.make_loss_fn(model, compiled=True)(x, y)
+        loss = make_loss_fn(train, model, torch.device("cuda"))(x, y)
     loss.backward()
     return loss.item(), {name: p.grad.float() for name, p in model.named_parameters()}
 

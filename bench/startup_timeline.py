@@ -44,7 +44,8 @@ def main():
     mark("setup_optimizer (imports torch._dynamo)")
     t.setup_device(model, run.device)
     mark("setup_device (attention kernels, block masks)")
-    t.make_loss_fn(model, run.device.type == "cuda")
+    cuda = run.device.type == "cuda"
+    t.make_loss_fn(model, cuda, cuda and t.softcap_loss.available(run.device))
     mark("make_loss_fn (torch.compile: torch._inductor)")
     loader = run.train_loader(t.DEVICE_BATCH_SIZE, 42)
     next(loader)
