@@ -10,8 +10,8 @@ Pieces (--only): attention (cuDNN full-causal through SDPA; cuDNN full-causal an
 the frontend, as train.py runs them on Hopper; PyTorch's FlashAttention-2 full and windowed;
 FlexAttention windowed with kernel options; windows stitched exactly from two causal cuDNN or
 FlashAttention-2 calls), softcap (the head's soft-capped cross-entropy, tanh against the same
-function through a sigmoid and against the harness's fused op), qkv (three projections against one on the stacked weights, with RoPE
-and QK-norm after), rope (RoPE and QK-norm: written with slices and a cat, with roll as train.py
+function through a sigmoid and against the harness's fused op), qkv (three projections against one
+on the stacked weights, with RoPE and QK-norm after), rope (RoPE and QK-norm: written with slices and a cat, with roll as train.py
 has it, and as a hand-written Triton kernel), mlp (ReLU squared, default compile against
 max-autotune).
 """

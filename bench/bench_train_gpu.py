@@ -13,8 +13,8 @@ Variants: ref (the template as shipped: SSSL; on Hopper with nvidia-cudnn-fronte
 cuDNN's fused attention; on CUDA, the harness's fused soft-capped cross-entropy), flex (train.py's
 fallback without the frontend: cuDNN SDPA for full layers, FlexAttention for the sliding windows),
 plain-loss (the loss written in PyTorch, as train.py runs it without Triton), ref-warm (ref again on
-the compile cache ref left), L (every layer full-causal), the fallback's two with PyTorch's default SDPA backend order (-default-sdpa),
-ref-b64 (device batch 64, 4 accumulation steps), ref-cdt (Inductor's coordinate-descent tuning), ma (Inductor's
+the compile cache ref left), L (every layer full-causal), the fallback's two with PyTorch's default
+SDPA backend order (-default-sdpa), ref-b64 (device batch 64, 4 accumulation steps), ref-cdt (Inductor's coordinate-descent tuning), ma (Inductor's
 max-autotune: Triton GEMMs with fused epilogues) and flex-autotune (the fallback, with max-autotune
 of FlexAttention's kernels alone), which compile for minutes; cudagraphs (Inductor's CUDA graphs, as
 mode="reduce-overhead"), fast-math and two-pass-softmax (Inductor options for the fused
@@ -77,14 +77,14 @@ def load_template(overrides=None, path=None, name="train_bench"):
     return t
 
 
-def make_loss_fn(t, model, device, fused=True):
-    """The compiled training loss as train.py makes it: with the harness's fused soft-capped cross-entropy
-    where it is available, unless `fused` is False. Older templates have no fused loss."""
+def make_loss_fn(t, model, device, fused=True, compiled=True):
+    """The training loss as train.py makes it: compiled, and with the harness's fused soft-capped
+    cross-entropy where train.py takes it, unless `fused` is False. Older templates have no fused loss."""
     import inspect
 
     if "fused" not in inspect.signature(t.make_loss_fn).parameters:
-        return t.make_loss_fn(model, compiled=True)
-    return t.make_loss_fn(model, compiled=True, fused=fused and t.softcap_loss.available(device))
+        return t.make_loss_fn(model, compiled)
+    return t.make_loss_fn(model, compiled, fused and compiled and t.softcap_loss.available(device))
 
 
 def run_one(name, steps, warmup, data, profile_rows=0):

@@ -8,7 +8,7 @@ import argparse
 import sys
 import time
 
-from bench_train_gpu import TEMPLATE, load_template  # a script beside this one
+from bench_train_gpu import TEMPLATE, load_template, make_loss_fn  # a script beside this one
 
 
 def main():
@@ -44,8 +44,7 @@ def main():
     mark("setup_optimizer (imports torch._dynamo)")
     t.setup_device(model, run.device)
     mark("setup_device (attention kernels, block masks)")
-    cuda = run.device.type == "cuda"
-    t.make_loss_fn(model, cuda, cuda and t.softcap_loss.available(run.device))
+    make_loss_fn(t, model, run.device, compiled=run.device.type == "cuda")
     mark("make_loss_fn (torch.compile: torch._inductor)")
     loader = run.train_loader(t.DEVICE_BATCH_SIZE, 42)
     next(loader)

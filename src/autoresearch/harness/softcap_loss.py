@@ -54,7 +54,7 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     logits = hidden @ weight.to(hidden.dtype).T
     rows, vocab = logits.shape
     losses = torch.empty(rows, dtype=torch.float32, device=hidden.device)
-    block = max(_next_power_of_2(vocab), 128)
+    block = max(triton.next_power_of_2(vocab), 128)
     _row_kernel[(rows,)](logits, targets, losses, vocab, softcap, 1.0 / softcap, 1.0 / rows, BLOCK=block,
                          num_warps=min(16, max(4, block // 1024)))
     return losses.mean(), logits  # the logits now hold d(loss)/d(logits)
@@ -79,10 +79,6 @@ def _gradients(ctx, dloss, _dlogits):  # the stored gradient is an internal outp
 
 
 _forward.register_autograd(_gradients, setup_context=_setup_context)
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 if triton is not None:

@@ -500,11 +500,12 @@ def main():
     autocast, attn_kernels, paths = setup_device(model, device)
     fused_loss = compiled and softcap_loss.available(device)
     train_loss = make_loss_fn(model, compiled, fused_loss)
+    loss_path = "fused" if fused_loss else "plain"
     loader = run.train_loader(DEVICE_BATCH_SIZE, seed)
     peak = peak_flops(torch.cuda.get_device_name(device)) if cuda else 0.0  # no MFU on CPU or MPS: 0
     print(f"device={device} profile={run.profile.name} params={num_params:,} width={config['n_embd']} "
           f"heads={config['n_head']} kv_heads={config['n_kv_head']} windows={model.windows} attention={paths} "
-          f"loss={'fused' if fused_loss else 'plain'} "
+          f"loss={loss_path} "
           f"grad_accum={grad_accum} budget_s={run.time_budget:g} flops_per_token={flops:.3e}", flush=True)
 
     uncounted = 3 if compiled else 2  # warm-up steps (compilation) kept out of the time budget
@@ -588,7 +589,7 @@ def main():
                  flops_per_token=flops, flops_per_token_exact=flops_exact, startup_seconds=t_train - t_start,
                  warmup_seconds=warmup_seconds, checkpoint_seconds=t_eval - t_save,
                  eval_seconds=eval_seconds, final_train_loss=smooth_loss / (1 - 0.9**step), epoch=epoch,
-                 attention=paths, loss="fused" if fused_loss else "plain", seed=seed, config=config)
+                 attention=paths, loss=loss_path, seed=seed, config=config)
     run.write_result({**summary, **extra})
     formats = dict(val_bpb="{:.6f}", training_seconds="{:.1f}", total_seconds="{:.1f}", peak_vram_mb="{:.1f}",
                    mfu_percent="{:.2f}", total_tokens_M="{:.1f}", num_steps="{}", num_params_M="{:.1f}", depth="{}")
