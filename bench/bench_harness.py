@@ -1,4 +1,4 @@
-"""Harness benchmarks on this machine's CPU: `prepare` of a whole corpus, and the packing loader alone.
+"""Harness benchmarks on this machine's CPU: `prepare` of a whole corpus, and the lab's feed of packed rows alone.
 
     python bench/bench_harness.py [--corpus ../shared/corpus] [--profile h100]
 
@@ -20,7 +20,8 @@ import tiktoken
 import torch
 
 from autoresearch.harness import get_profile, prepare, resolve_source
-from autoresearch.harness.loader import TrainLoader, eval_rows
+from autoresearch.harness.feed import Feed
+from autoresearch.harness.loader import eval_rows
 
 
 def main() -> None:
@@ -47,15 +48,16 @@ def main() -> None:
 
         tokens, starts = data.tokens("train"), data.doc_starts("train")
         batch = 524_288 // (2 * profile.seq_len)  # the reference's device batch: 2^19 tokens per 2 micro-steps
-        loader = TrainLoader(tokens, starts, profile.seq_len, batch, data.tokenizer.bos_id, seed=0)
-        next(loader)
+        feed = Feed(tokens, starts, profile.seq_len, data.tokenizer.bos_id, profile.vocab_size)
+        feed.start()
+        feed.rows(batch, seed=0)
         t0 = time.perf_counter()
         n = 0
         for _ in range(args.batches):
-            inputs, _, _ = next(loader)
-            n += inputs.numel()
+            rows, _, _ = feed.rows(batch, seed=0)
+            n += rows.shape[0] * profile.seq_len
         rate = n / (time.perf_counter() - t0)
-        print(f"loader   batch={batch}x{profile.seq_len} tokens_per_s={rate / 1e6:.1f}M "
+        print(f"feed     batch={batch}x{profile.seq_len} tokens_per_s={rate / 1e6:.1f}M "
               f"(x{rate / 2e6:.0f} the 2M tokens/s an H100 needs)")
 
         t0 = time.perf_counter()

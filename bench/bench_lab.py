@@ -1,12 +1,16 @@
-"""Lab overhead per trial: everything but the trainer's own run.
+"""Where a trial's seconds go, from the lab's decision to run it to its verdict in the ledger; and what
+the sandbox costs, side by side with the same trial unsandboxed.
 
-    python bench/bench_lab.py --profile h100 --source DIR [--budget 30] [--trials 3] [--trainer PATH]
+    python bench/bench_lab.py --profile h100 --data DIR [--budget 30] [--trials 4] [--modes sandboxed,unsandboxed]
 
-Makes a workspace, runs the baseline once, then `--trials` candidates (a comment appended to
-train.py each time, so every trial is audited, committed, run, scored, decided and reverted) and
-splits each candidate's wall time into the trainer's process and the lab's own work (audit, git,
-process start, the checkpoint's evaluation in a separate process, the ledger). The overhead does
-not depend on the budget, so a short budget measures it; it is reported against 300 s.
+Makes a workspace (the strict rule, so that each candidate is one run), runs the baseline once, then
+`--trials` candidates, each a comment appended to train.py, so that every one is audited, committed,
+run, scored, decided and reverted, the modes taken in turn (sandboxed, unsandboxed, sandboxed, ...).
+Each trial's wall time is split by the supervisor's own clock (result.json): start-up (launch to
+the first batch asked for), warm-up (to training_started), training, the hand-in and the trainer's
+end, scoring, and the rest (the lab: audit, git, the supervisor's start, the ledger). Also the
+tokens/s the lab counted. Every candidate trains the same code, so the modes differ only by the
+sandbox.
 """
 from __future__ import annotations
 
@@ -26,6 +30,23 @@ from autoresearch.lab.decide import DecisionRule
 from autoresearch.lab.loop import Lab
 from autoresearch.lab.workspace import Workspace
 
+PHASES = ("lab_before", "startup", "warmup", "training", "handin", "scoring", "lab_after")
+
+
+def phases(wall: float, supervisor_wall: float, clock: dict) -> dict:
+    """Seconds per phase of one trial; `clock` is the supervisor's, in seconds from its own start."""
+    get = lambda key, default: clock.get(key) if clock.get(key) is not None else default  # noqa: E731
+    launched = get("launched", 0.0)
+    first = get("first_request", launched)
+    started = get("started", first)
+    checkpoint = get("checkpoint", started)
+    scoring_started = get("scoring_started", checkpoint)
+    scoring_ended = get("scoring_ended", scoring_started)
+    lab = wall - supervisor_wall  # the lab's own work, before the supervisor and after it
+    return {"lab_before": launched, "startup": first - launched, "warmup": started - first,
+            "training": checkpoint - started, "handin": scoring_started - checkpoint,
+            "scoring": scoring_ended - scoring_started, "lab_after": supervisor_wall - scoring_ended + lab}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,7 +54,8 @@ def main() -> None:
     ap.add_argument("--source", help="corpus (default: the profile's)")
     ap.add_argument("--data", help="an already prepared data folder (skips `prepare`; for machines without rustbpe)")
     ap.add_argument("--budget", type=float, default=20.0)
-    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--trials", type=int, default=4)
+    ap.add_argument("--modes", default="sandboxed,unsandboxed", help="taken in turn, one a trial")
     ap.add_argument("--trainer", help="a train.py to use instead of the template's")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args()
@@ -43,35 +65,45 @@ def main() -> None:
     else:
         data, _ = prepare(resolve_source(args.source or profile.default_source), profile, progress=False)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    print(f"# {time.strftime('%Y-%m-%d')} {device}, torch {torch.__version__}, profile {profile.name}, "
-          f"budget {args.budget:g}s", flush=True)
+    modes = args.modes.split(",")
+    print(f"# {time.strftime('%Y-%m-%d')} {device}, torch {torch.__version__}, Python {platform.python_version()}, "
+          f"profile {profile.name}, budget {args.budget:g}s, modes {modes}", flush=True)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Path(args.trainer).read_text() if args.trainer else None
         ws = Workspace.create(Path(tmp) / "ws", tag="bench", profile=profile.name, data=data,
-                              rule=DecisionRule(baseline_runs=1, drift_every=0), trainer_source=trainer,
+                              rule=DecisionRule(name="strict", baseline_runs=1, drift_every=0), trainer_source=trainer,
                               time_budget=args.budget)
         lab = Lab(ws, log=lambda msg: print(msg, flush=True))
-        lab.baseline()
-        rows = []
-        for i in range(args.trials):
-            with open(ws.root / "train.py", "a") as f:
-                f.write(f"# bench edit {i}\n")
-            t0 = time.perf_counter()
-            trial = lab.candidate(f"bench edit {i}", "bench")
-            wall = time.perf_counter() - t0
-            evaluation = json.loads((ws.trial_dir(trial.id) / "eval-val.json").read_text())
-            trainer_s = trial.total_seconds
-            rows.append({"wall_s": wall, "trainer_process_s": trainer_s, "training_s": trial.training_seconds,
-                         "eval_process_s": evaluation["seconds"], "lab_overhead_s": wall - trainer_s,
-                         "status": trial.status})
-            print(f"trial {trial.id}: wall {wall:.1f}s = trainer process {trainer_s:.1f}s (training "
-                  f"{trial.training_seconds:.1f}s) + lab {wall - trainer_s:.1f}s (of which evaluation "
-                  f"process {evaluation['seconds']:.1f}s)", flush=True)
-        overhead = statistics.median(r["lab_overhead_s"] for r in rows)
-        print(f"lab overhead per trial: median {overhead:.1f}s = {100 * overhead / 300:.1f}% of a 300 s budget")
-        if args.out:
-            Path(args.out).write_text(json.dumps({"rows": rows, "median_overhead_s": overhead}, indent=2))
-        lab.close()
+        try:
+            lab.baseline()
+            for i in range(args.trials):
+                mode = modes[i % len(modes)]
+                lab.sandboxed = mode == "sandboxed"
+                before = ws.snapshot()
+                with open(ws.root / "train.py", "a") as f:
+                    f.write(f"# bench edit {i}\n")
+                t0 = time.perf_counter()
+                trial = lab.candidate(f"bench edit {i} ({mode})", "bench", before=before)
+                wall = time.perf_counter() - t0
+                result = json.loads((ws.trial_dir(trial.id) / "result.json").read_text())
+                split = phases(wall, trial.total_seconds, result.get("clock", {}))
+                row = {"trial": trial.id, "mode": mode, "status": str(trial.status), "wall_s": wall,
+                       "beyond_budget_s": wall - args.budget, "tokens_per_s": trial.tokens_per_second,
+                       "val_bpb": trial.val_bpb, **{f"{k}_s": v for k, v in split.items()}}
+                rows.append(row)
+                print(f"trial {trial.id} {mode}: wall {wall:.1f}s ({wall - args.budget:+.1f}s beyond the budget) = "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in split.items())
+                      + f"; {trial.tokens_per_second or 0:,.0f} tokens/s", flush=True)
+        finally:
+            lab.close()
+    for mode in modes:
+        mine = [r for r in rows if r["mode"] == mode]
+        if mine:
+            print(f"{mode}: median {statistics.median(r['beyond_budget_s'] for r in mine):.1f}s beyond the budget, "
+                  f"median {statistics.median(r['tokens_per_s'] or 0 for r in mine):,.0f} tokens/s over {len(mine)} trial(s)")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"rows": rows, "budget": args.budget, "device": device}, indent=2))
 
 
 if __name__ == "__main__":

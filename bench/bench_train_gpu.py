@@ -106,7 +106,9 @@ def run_one(name, steps, warmup, data, profile_rows=0):
     with torch.device(device):
         model = t.build_model(cfg)
     flops, flops_exact = t.flops_per_token(model), t.flops_per_token(model, exact=True)
-    peak = t.peak_flops(torch.cuda.get_device_name(device))
+    from autoresearch.harness.hardware import peak_flops
+
+    peak = peak_flops(torch.cuda.get_device_name(device))  # the harness's table (older templates had their own)
     opt = t.setup_optimizer(model)
     if not variant.get("frontend", True) and hasattr(t, "cudnn_attention"):  # older templates lack it
         t.cudnn_attention = types.SimpleNamespace(available=lambda device: False)

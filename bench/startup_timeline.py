@@ -1,7 +1,7 @@
 """Where a train.py run's start-up goes: the template's own set-up calls, timed one by one, in the
 order main() makes them, on the device and data the environment names (as the lab sets them).
 
-    AUTORESEARCH_PROFILE=h100 AUTORESEARCH_DATA=DIR AUTORESEARCH_OUTPUT=/tmp/o \\
+    AUTORESEARCH_PROFILE=h100 AUTORESEARCH_DATA=DIR \\
         PYTHONPATH=src python bench/startup_timeline.py [--template PATH]
 """
 import argparse

@@ -37,6 +37,21 @@ def variant(*replacements: tuple[str, str]) -> str:
     return text
 
 
+def make_repository(root: Path, committed: dict[str, str], message: str = "my work") -> Path:
+    """A person's git repository on branch main holding `committed` (name -> text), as one commit."""
+    from autoresearch.lab.workspace import git
+
+    root.mkdir(parents=True)
+    git(root, "init", "-q", "-b", "main")
+    git(root, "config", "user.email", "me@example.com")
+    git(root, "config", "user.name", "me")
+    for name, text in committed.items():
+        (root / name).write_text(text)
+    git(root, "add", ".")
+    git(root, "commit", "-q", "-m", message)
+    return root
+
+
 def alive(pid: int) -> bool:
     """Running, as opposed to gone or a zombie waiting for a parent that does not reap it."""
     try:
@@ -46,9 +61,11 @@ def alive(pid: int) -> bool:
 
 
 def make_workspace(root: Path, data, trainer: str = TINY_TRAINER, *, budget: float = 2.0,
-                   baseline_runs: int = 2, **config) -> Workspace:
+                   baseline_runs: int = 2, rule: str = "noise", **config) -> Workspace:
+    """A workspace of the tiny trainer; `rule="strict"` for tests about something other than the keep rule
+    (one run per candidate, no runs of the best in between)."""
     ws = Workspace.create(root, tag="test", profile="cpu", data=data, trainer_source=trainer, time_budget=budget,
-                          rule=DecisionRule(baseline_runs=baseline_runs, drift_every=0))
+                          rule=DecisionRule(name=rule, baseline_runs=baseline_runs, drift_every=0))
     if config:
         ws.config.update(config)
         ws.save_config()
@@ -59,7 +76,8 @@ def ledger_row(id: int, **fields) -> Trial:
     """A ledger row as proposers see it in their history: a discarded candidate unless `fields` say
     otherwise."""
     row = dict(id=id, kind="candidate", commit_sha=None, parent_sha=None, proposer="agent", description="an idea",
-               diff="", seed=None, status="discard", reason="", decision={}, val_bpb=1.0, trainer_summary={},
-               training_seconds=None, total_seconds=None, total_tokens_m=None, num_steps=None, mfu_percent=None,
-               peak_vram_mb=None, hardware={}, proposer_usage={}, log_path="", started_at=0.0, ended_at=None)
+               diff="", seed=None, status="discard", failure=None, reason="", decision={}, val_bpb=1.0,
+               trainer_summary={}, training_seconds=None, total_seconds=None, total_tokens_m=None, num_steps=None,
+               mfu_percent=None, peak_vram_mb=None, hardware={}, device_class=None, tokens_per_second=None,
+               sandboxed=True, proposer_usage={}, log_path="", started_at=0.0, ended_at=None)
     return Trial(**{**row, **fields})

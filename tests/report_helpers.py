@@ -1,18 +1,29 @@
 """Shared by the report's, status view's and dashboard's specifications: a real small workspace
-made by the real loop (the tiny trainer, printing progress lines), and ways to add a trial to it."""
+made by the real loop (the tiny trainer, printing progress lines), what the lab itself makes of its
+ledger (the expectations), and ways to add a trial to it."""
 from __future__ import annotations
 
-import json
+import os
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from autoresearch.lab.ledger import Ledger
+from autoresearch.lab.decide import Best, DecisionRule
+from autoresearch.lab.ledger import Ledger, Trial
+from autoresearch.lab.loop import CONFIG_HASH, Lab
+from autoresearch.lab.noise import NoiseEstimate, detectable_gain
+from autoresearch.lab.outcomes import Kind, Status
+from autoresearch.lab.workspace import Workspace
 from lab_helpers import EDITS, make_workspace, variant
+
+CHROMIUM = os.environ.get("AUTORESEARCH_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
 
 # The tiny trainer, printing train.py's progress line every 0.2 s (the status view and the
 # dashboard read the running trial's step, loss and time left from it).
@@ -30,11 +41,14 @@ PROGRESS_TRAINER = variant(
 
 
 def build_research_workspace(root: Path, data) -> Path:
-    """Baseline (2 seeds), then a kept, a discarded and a crashed candidate: 5 trials, by the real loop."""
-    from autoresearch.lab.loop import Lab
+    """Baseline (3 seeds), then EDITS by the real loop: a gain (kept where the noise lets the lab see it), a
+    loss and a crash, with the runs the lab adds as it measures (the new best again, reruns): how many rows,
+    the ledger says."""
     from autoresearch.proposers.scripted import ScriptedProposer
 
-    ws = make_workspace(root, data, PROGRESS_TRAINER, budget=2.0, baseline_runs=2)
+    # Three baseline seeds: with two, sigma's single degree of freedom sets a bar that a loaded machine's
+    # noise can lift above even this change's clear gain.
+    ws = make_workspace(root, data, PROGRESS_TRAINER, budget=2.0, baseline_runs=3)
     lab = Lab(ws, log=lambda msg: None)
     try:
         lab.run(ScriptedProposer(EDITS))
@@ -49,19 +63,80 @@ def copy_workspace(src: Path, dst: Path) -> Path:
     return dst
 
 
-def ledger_trials(root: Path):
+def add_trial(root: Path, status: str, *, kind: str = Kind.CANDIDATE, description: str = "an added trial",
+              progress: list[str] | None = None, **fields) -> int:
+    """One more row in the workspace's ledger, written as the lab writes one (begun, then completed with
+    `status` and `fields`), and, given `progress` lines, its train.log. Returns its id."""
     ledger = Ledger(root / ".autoresearch" / "ledger.db")
     try:
-        return ledger.trials(), ledger.get_meta("sigma")
+        trial_id = ledger.begin(kind=kind, proposer="test", description=description, commit_sha=None,
+                                parent_sha=None, diff="", seed=None)
+        ledger.update(trial_id, status=status, **fields)
     finally:
         ledger.close()
+    if progress is not None:
+        log = Workspace.open(root).trial_dir(trial_id) / "train.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(line + "\n" for line in progress))
+    return trial_id
+
+
+@dataclass
+class LabView:
+    """What the lab itself makes of a workspace's ledger, by its own functions (Lab.best, Lab.noise): the
+    expectations the report's numbers are checked against."""
+
+    best: Best | None
+    noise: NoiseEstimate
+    rule: DecisionRule
+    base_commit: str
+    device_class: str
+
+    @property
+    def detectable_gain(self) -> float | None:
+        """Against the best as the next candidate meets it: its fresh runs, the rule's baseline_runs at least."""
+        return detectable_gain(self.noise, self.rule, max(len(self.best.fresh) if self.best else 0,
+                                                          self.rule.baseline_runs))
+
+
+def ledger_trials(root: Path) -> tuple[list[Trial], LabView]:
+    """Every row of the workspace's ledger, and what the lab makes of them."""
+    ws = Workspace.open(root)
+    lab = Lab(ws, log=lambda message: None)
+    try:
+        view = LabView(lab.best(), lab.noise(), ws.rule, ws.config["base_commit"], lab.device_class)
+        return lab.ledger.trials(), view
+    finally:
+        lab.close()
+
+
+def scripted(trials: list[Trial], edit: int) -> Trial:
+    """The candidate the loop made of EDITS[edit] (its first run; reruns share its status)."""
+    return next(t for t in trials if t.kind == Kind.CANDIDATE and t.description == EDITS[edit]["description"])
+
+
+def the_kept_gain(trials: list[Trial]) -> Trial:
+    """The research workspace's kept change (EDITS[0]). The loop keeps it once the baseline's two short runs
+    tell the noise well enough; on a machine loaded heavily enough that they do not, it is discarded
+    (test_lab_loop then says so), and a specification of how a kept change is shown has nothing to show."""
+    gain = scripted(trials, 0)
+    if gain.status != Status.KEEP:
+        pytest.skip(f"the loop did not keep {gain.description!r} in the research workspace ({gain.status}: "
+                    f"{gain.decision.get('why', '')}): nothing kept to show")
+    return gain
 
 
 def set_budget(root: Path, seconds: float) -> None:
-    path = root / ".autoresearch" / "config.json"
-    config = json.loads(path.read_text())
-    config["time_budget"] = seconds
-    path.write_text(json.dumps(config, indent=2))
+    """Change the workspace's training budget as the lab's config, and record it as the config the lab last
+    left (the lab refuses a config changed behind its back: test_lab_guards)."""
+    ws = Workspace.open(root)
+    ws.config["time_budget"] = seconds
+    ws.save_config()
+    ledger = Ledger(ws.ledger_path)
+    try:
+        ledger.set_meta(CONFIG_HASH, ws.integrity()["config"])
+    finally:
+        ledger.close()
 
 
 TRIAL_SCRIPT = """
@@ -75,7 +150,8 @@ train = ws.root / "train.py"
 train.write_text(train.read_text().replace(old, new, 1))
 lab = Lab(ws, log=lambda message: None)
 try:
-    trial = lab.candidate(description, "test")
+    with ws.lock("trial"):
+        trial = lab.candidate(description, "test")
 finally:
     lab.close()
 print(trial.id, trial.status, trial.reason)
@@ -83,7 +159,8 @@ print(trial.id, trial.status, trial.reason)
 
 
 def start_trial(root: Path, old: str, new: str, description: str) -> subprocess.Popen:
-    """One more real trial in a process of its own, as the loop runs it (it writes the ledger)."""
+    """One more real trial in a process of its own, as `autoresearch trial` runs it: holding the
+    workspace's lock, writing the ledger."""
     return subprocess.Popen([sys.executable, "-c", TRIAL_SCRIPT, str(root), old, new, description],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -102,10 +179,28 @@ def running_trial_with_progress(root: Path):
     """(trial id, True) once the ledger has a running trial whose train.log has a progress line."""
     from autoresearch.report.data import last_progress, read_ledger
 
-    running = [t for t in read_ledger(root / ".autoresearch" / "ledger.db").trials if t.status == "running"]
+    running = [t for t in read_ledger(root / ".autoresearch" / "ledger.db").trials if t.status == Status.RUNNING]
     if running and last_progress(root / ".autoresearch" / "trials" / f"{running[0].id:05d}" / "train.log"):
         return running[0].id
     return None
 
 
-# --- what the report says ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian Chromium driven by Playwright (no browser download); skipped where missing, unless
+    AUTORESEARCH_REQUIRE_BROWSER is set (CI sets it)."""
+    if not (Path(CHROMIUM).exists() and shutil.which(CHROMIUM)):
+        if os.environ.get("AUTORESEARCH_REQUIRE_BROWSER"):
+            pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install -y chromium")
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if os.environ.get("AUTORESEARCH_REQUIRE_BROWSER"):
+            raise
+        pytest.skip("the playwright package is not installed (pip install playwright; no `playwright install`)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+

@@ -20,6 +20,7 @@ import pytest
 
 from autoresearch.lab.ledger import Ledger, Trial
 from autoresearch.lab.loop import Lab
+from autoresearch.lab.outcomes import Failure, Kind, Status
 from autoresearch.lab.proposer import ProposalContext
 from autoresearch.lab.workspace import GITIGNORE, git
 from autoresearch.proposers.agent import PRESETS, AgentError, AgentProposer
@@ -284,7 +285,7 @@ def test_settings_are_checked_when_the_proposer_is_made(repo, agents, monkeypatc
 # --- the loop, end to end -----------------------------------------------------------------------
 def test_the_loop_goes_on_past_agents_that_fail_edit_nothing_or_break_the_rules(tmp_path, cpu_prepared, agents,
                                                                                  monkeypatch):
-    ws = make_workspace(tmp_path / "ws", cpu_prepared, baseline_runs=1)
+    ws = make_workspace(tmp_path / "ws", cpu_prepared, baseline_runs=1, rule="strict")
     monkeypatch.setenv("FAKE_AGENT_PLAN", "fail,nothing,forbidden,good")
     proposer = AgentProposer.from_settings(ws.root, {"command": CUSTOM, "timeout": 60})
     lab = Lab(ws, log=lambda msg: None)
@@ -293,21 +294,21 @@ def test_the_loop_goes_on_past_agents_that_fail_edit_nothing_or_break_the_rules(
     finally:
         lab.close()
     trials = Ledger(ws.ledger_path).trials()
-    assert [(t.kind, t.status) for t in trials] == [("baseline", "keep"), ("candidate", "crash"),
-                                                    ("candidate", "discard"), ("candidate", "crash"),
-                                                    ("candidate", "keep")], [t.reason for t in trials]
-    failed, nothing, forbidden, good = trials[1:]
+    candidates = [t for t in trials if t.kind == Kind.CANDIDATE]
+    assert [t.status for t in candidates] == [Status.CRASH, Status.EMPTY, Status.CRASH, Status.KEEP], \
+        [t.reason for t in trials]
+    failed, nothing, forbidden, good = candidates
     assert failed.description == "proposal failed: AgentError"
-    assert failed.reason.startswith("proposer error: the agent exited with code 1")
+    assert failed.failure == Failure.PROPOSER and failed.reason.startswith("proposer error: the agent exited with code 1")
     assert failed.proposer_usage["exit_code"] == 1
     assert (nothing.description, nothing.reason) == ("no change", "no change: the proposal edited nothing")
-    assert forbidden.reason.startswith("rejected edit") and "program.md" in forbidden.reason
+    assert forbidden.failure == Failure.REJECTED_EDIT and "program.md" in forbidden.reason
     assert good.description == "raise LR from 0.003 to 0.03" and good.proposer == "agent"
     assert good.proposer_usage["description_from"] == "file" and good.proposer_usage["seconds"] > 0
-    assert all("seconds" in t.proposer_usage for t in trials[1:])
+    assert all("seconds" in t.proposer_usage for t in candidates)
     assert "LR = 0.03" in (ws.root / "train.py").read_text()
     assert "Also, the agent may edit" not in (ws.root / "program.md").read_text()
     assert git(ws.root, "status", "--porcelain") == ""
     # Each proposal was told what came before it.
-    prompt = (ws.root / ".autoresearch/agent/00005/prompt.md").read_text()
-    assert "| 4 | crash |" in prompt and "rejected edit" in prompt and "proposer error" in prompt
+    prompt = (ws.root / f".autoresearch/agent/{good.id:05d}/prompt.md").read_text()
+    assert f"| {forbidden.id} | crash |" in prompt and "rejected edit" in prompt and "proposer error" in prompt

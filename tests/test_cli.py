@@ -119,3 +119,18 @@ def test_a_command_is_required(autoresearch):
     done = autoresearch()
     assert done.returncode == 2
     assert "required: COMMAND" in done.stderr
+
+
+def test_init_in_a_repository_says_that_the_person_s_other_files_are_safe(autoresearch, cpu_cache, tmp_path):
+    from lab_helpers import make_repository
+
+    repo = make_repository(tmp_path / "repo", {".gitignore": "data/\n"})
+    (repo / "notes.txt").write_text("mine\n")
+    (repo / "data").mkdir()
+    (repo / "data" / "shard.bin").write_bytes(b"\0")
+    done = autoresearch("init", str(repo), "--profile", "cpu", "--budget", "5",
+                        env={"AUTORESEARCH_CACHE": str(cpu_cache)})
+    assert done.returncode == 0, done.stderr
+    assert "note: 2 untracked or ignored file(s) here (data/, notes.txt) are safe" in done.stdout
+    assert "budget 5s" in done.stdout
+    assert (repo / "notes.txt").read_text() == "mine\n" and (repo / "data" / "shard.bin").read_bytes() == b"\0"

@@ -3,26 +3,24 @@
 End to end in headless Chromium (Debian's `chromium`, driven by Playwright; no browser download):
 the page loads from 127.0.0.1 only, shows the trials of the real small workspace of
 test_report.py, and follows one more real trial as it runs (its loss curve) and lands (its row).
+Expectations come from the ledger and the lab's own functions (report_helpers.ledger_trials).
 Set AUTORESEARCH_REQUIRE_BROWSER=1 (CI does) to fail rather than skip when Chromium is missing.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
-from pathlib import Path
+from collections import Counter
 
 import pytest
 
-from report_helpers import ledger_trials, running_trial_with_progress, set_budget, start_trial, wait_for
-
-CHROMIUM = os.environ.get("AUTORESEARCH_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
+from autoresearch.lab.outcomes import Kind, Status
+from report_helpers import (  # noqa: F401 (browser: a fixture)
+    add_trial, browser, ledger_trials, running_trial_with_progress, scripted, set_budget, start_trial, wait_for)
 
 
 @pytest.fixture
@@ -51,43 +49,71 @@ def api(server, path: str):
     return status, json.loads(body)
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not (Path(CHROMIUM).exists() and shutil.which(CHROMIUM)):
-        if os.environ.get("AUTORESEARCH_REQUIRE_BROWSER"):
-            pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install -y chromium")
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        if os.environ.get("AUTORESEARCH_REQUIRE_BROWSER"):
-            raise
-        pytest.skip("the playwright package is not installed (pip install playwright; no `playwright install`)")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+def last_result(trials):
+    """The last trial with a val_bpb the lab decided on: the one an idle page shows."""
+    return [t for t in trials if t.status in (Status.KEEP, Status.DISCARD) and t.val_bpb is not None][-1]
+
+
+def points_on_the_plot(trials) -> int:
+    """A point per measured trial, and one per crash on the crash row."""
+    return sum(t.val_bpb is not None or t.status == Status.CRASH for t in trials)
 
 
 # --- the JSON endpoints ----------------------------------------------------------------------------------
-def test_the_api_serves_the_ledger(served, workspace_copy):
-    trials, sigma = ledger_trials(workspace_copy)
+def test_the_api_serves_the_ledger_and_the_labs_numbers(served, workspace_copy):
+    trials, lab = ledger_trials(workspace_copy)
     status, data = api(served, "/api/trials")
     assert status == 200
     assert [(t["id"], t["kind"], t["status"], t["description"]) for t in data["trials"]] == \
         [(t.id, t.kind, t.status, t.description) for t in trials]
     assert [t["val_bpb"] for t in data["trials"]] == [t.val_bpb for t in trials]
-    assert data["summary"]["sigma"] == sigma and data["summary"]["best_mean"] == trials[2].val_bpb
-    assert data["summary"]["counts"] == {"keep": 3, "discard": 1, "crash": 1, "running": 0}
+    summary = data["summary"]
+    assert (summary["sigma"], summary["sigma_df"]) == (lab.noise.sigma, lab.noise.df)
+    assert summary["detectable_gain"] == pytest.approx(lab.detectable_gain)
+    assert summary["best_mean"] == pytest.approx(lab.best.mean) and summary["best_n"] == len(lab.best.values)
+    assert summary["best_commit"] == lab.best.commit
+    assert summary["best_is_baseline"] is (lab.best.commit == lab.base_commit)
+    if not summary["best_is_baseline"]:
+        assert summary["improvement_low"] < summary["improvement"] < summary["improvement_high"]
+    count = Counter(t.status for t in trials)
+    assert summary["counts"] == {str(s): count[s] for s in Status}
+    assert summary["tally"] == [[str(s), count[s]] for s in (Status.KEEP, Status.DISCARD, Status.CRASH)]
     assert data["workspace"]["root"] == str(workspace_copy)
 
-    status, one = api(served, "/api/trial/3")
-    assert status == 200 and "+LR = 0.03" in one["diff"] and one["decision"]["action"] == "keep"
+    gain = scripted(trials, 0)
+    status, one = api(served, f"/api/trial/{gain.id}")
+    assert status == 200 and "+LR = 0.03" in one["diff"] and one["decision"] == gain.decision
     assert "val_bpb:" in one["log_tail"]
-    status, current = api(served, "/api/current")
-    assert status == 200 and current["running"] is False and current["trial"]["id"] == 5
-    status, _ = api(served, "/api/trial/99")
+    status, current = api(served, "/api/current")  # idle: the last result, and the crash after it
+    shown, (crashed,) = last_result(trials), [t for t in trials if t.status == Status.CRASH]
+    assert status == 200 and current["running"] is False and current["trial"]["id"] == shown.id
+    assert crashed.id == trials[-1].id  # the ledger ends with the crash
+    assert current["latest"]["id"] == crashed.id and current["latest"]["status"] == "crash"
+    assert current["latest"]["failure"] == "exit"
+    status, _ = api(served, f"/api/trial/{trials[-1].id + 1}")
     assert status == 404
+
+
+def test_when_idle_the_current_trial_is_the_last_with_a_result_not_a_dead_one(served, workspace_copy):
+    shown = last_result(ledger_trials(workspace_copy)[0])
+    steps_shown = len(api(served, "/api/current")[1]["points"])
+    stopped = add_trial(workspace_copy, Status.STOPPED, description="stopped half-way",
+                        reason="stopped: the lab was told to stop during this trial",
+                        progress=[f"train step={n} loss={9 - n}.0" for n in range(1, 6)])
+    _, current = api(served, "/api/current")
+    assert current["running"] is False and current["trial"]["id"] == shown.id
+    assert len(current["points"]) == steps_shown > 0  # the last result's curve, not the stopped trial's
+    assert (current["latest"]["id"], current["latest"]["status"]) == (stopped, "stopped")
+    assert "told to stop" in current["latest"]["reason"]
+
+    # a row a dead lab left running is no running trial either
+    stale = add_trial(workspace_copy, Status.RUNNING, description="killed with the lab", started_at=time.time() - 6 * 3600,
+                      progress=["train step=1 loss=9.0"])
+    _, current = api(served, "/api/current")
+    assert current["running"] is False and current["trial"]["id"] == shown.id
+    assert current["latest"]["id"] == stale and current["stale"] == [stale]
+    _, data = api(served, "/api/trials")
+    assert [t["stale"] for t in data["trials"]][-2:] == [False, True]
 
 
 def test_the_server_answers_only_to_this_machine_and_serves_only_its_files(served):
@@ -129,24 +155,40 @@ def test_the_page_shows_the_run_and_follows_a_new_trial_live(browser, served, wo
     page.goto(served.url)
 
     # the run as it is: every trial in the table and on the plot
-    page.wait_for_selector("#trials tbody tr >> nth=4")
+    trials, lab = ledger_trials(workspace_copy)
+    page.wait_for_selector(f"#trials tbody tr >> nth={len(trials) - 1}")
+    page.wait_for_selector('#live[data-state="idle"]')  # nothing runs: no green light
+    assert "no trial running" in page.inner_text("#live")
     rows = page.locator("#trials tbody tr")
-    assert rows.count() == 5
-    assert [rows.nth(i).get_attribute("data-trial-id") for i in range(5)] == ["5", "4", "3", "2", "1"]
+    assert rows.count() == len(trials)
+    assert [rows.nth(i).get_attribute("data-trial-id") for i in range(len(trials))] == \
+        [str(t.id) for t in reversed(trials)]
     text = page.inner_text("#trials")
     for description in ("baseline (seed 1)", "LR 0.003 -> 0.03", "DIM 32 -> 2", "divide by zero", "ZeroDivisionError"):
         assert description in text
-    trials, _ = ledger_trials(workspace_copy)
-    assert f"{trials[2].val_bpb:.6f}" in page.inner_text("#cards")
-    assert page.locator("#progress-chart g.point").count() == 5
-    assert page.locator("#progress-chart g.point.crash").count() == 1
-    assert page.locator("#progress-chart .kept-label").all_text_contents() == ["LR 0.003 -> 0.03"]
+    cards = page.inner_text("#cards")
+    assert f"{lab.best.mean:.6f}" in cards
+    assert f"{lab.noise.sigma:.6f}" in cards and f"{lab.noise.df} df" in cards
+    assert f"gains under {lab.detectable_gain:.4g} are invisible here" in cards
+    kept = [t for t in trials if t.kind == Kind.CANDIDATE and t.status == Status.KEEP]
+    crashes = [t for t in trials if t.status == Status.CRASH]
+    assert page.locator("#progress-chart g.point").count() == points_on_the_plot(trials)
+    assert page.locator("#progress-chart g.point.crash").count() == len(crashes)
+    assert page.locator("#progress-chart .kept-label").all_text_contents() == [t.description for t in kept]
     assert page.locator("#best-line").count() == 1
+    # idle: the last trial with a result and its curve, and the crash after it said plainly
+    assert page.inner_text("#current-title") == f"Last result: trial {last_result(trials).id}"
+    assert loss_points(page) > 0
+    note = page.inner_text("#current-note")
+    assert f"The latest trial, {crashes[-1].id} (divide by zero), crashed (exit)" in note and "ZeroDivisionError" in note
+    assert page.inner_text("#current-mfu") == "n/a"  # a CPU has no MFU
 
     # a click shows a trial's diff
-    page.click('#trials tr[data-trial-id="3"]')
+    gain = scripted(trials, 0)
+    page.click(f'#trials tr[data-trial-id="{gain.id}"]')
     page.wait_for_selector("#detail pre.diff")
-    assert "+LR = 0.03" in page.inner_text("#detail pre.diff")
+    assert page.inner_text("#detail pre.diff") == gain.diff.rstrip("\n")  # line for line, no blank lines
+    assert "MFU n/a" in page.inner_text("#detail")
 
     # one more real trial: the page shows it running, with its loss curve, then its result
     set_budget(workspace_copy, 5.0)
@@ -154,22 +196,74 @@ def test_the_page_shows_the_run_and_follows_a_new_trial_live(browser, served, wo
     try:
         trial_id = wait_for(lambda: running_trial_with_progress(workspace_copy), what="a running trial")
         page.wait_for_selector('#current[data-running="true"]', timeout=20000)
+        page.wait_for_selector('#live[data-state="running"]')
+        assert f"trial {trial_id} running" in page.inner_text("#live")
         wait_for(lambda: loss_points(page) >= 2, timeout=20, what="the running trial's loss curve")
         assert page.inner_text("#current-title") == f"Running: trial {trial_id}"
+        assert page.locator("#current-note").is_hidden()
         assert int(page.inner_text("#current-step")) > 0
+        assert page.inner_text("#current-mfu") == "n/a"  # the trainer prints mfu_pct=0.0 on a CPU
         assert page.inner_text("#current-left").endswith("s")
         page.wait_for_selector(f'#trials tr[data-trial-id="{trial_id}"][data-status="running"]', timeout=20000)
         page.screenshot(path=str(tmp_path / "dashboard-running.png"), full_page=True)
     finally:
         out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    final = ledger_trials(workspace_copy)[0][-1]
+    trials = ledger_trials(workspace_copy)[0]  # a borderline result is re-run under another seed: rows after it
+    final, last = next(t for t in trials if t.id == trial_id), trials[-1]
+    page.wait_for_selector(f'#trials tr[data-trial-id="{last.id}"][data-status="{last.status}"]', timeout=20000)
     page.wait_for_selector(f'#trials tr[data-trial-id="{trial_id}"][data-status="{final.status}"]', timeout=20000)
     page.wait_for_selector('#current[data-running="false"]', timeout=20000)
-    assert page.locator("#trials tbody tr").count() == 6
-    assert page.locator("#progress-chart g.point").count() == 6
+    page.wait_for_selector('#live[data-state="idle"]')
+    assert page.inner_text("#current-title") == f"Last result: trial {last_result(trials).id}"
+    assert page.locator("#current-note").is_hidden()
+    assert page.locator("#trials tbody tr").count() == len(trials)
+    assert page.locator("#progress-chart g.point").count() == points_on_the_plot(trials)
     assert f"{final.val_bpb:.6f}" in page.inner_text(f'#trials tr[data-trial-id="{trial_id}"]')
 
     assert problems == []
     assert requests and all(url.startswith(served.url) for url in requests), requests  # nothing from the internet
     page.close()
+
+
+def axis_labels(page, chart: str) -> list[str]:
+    """The labels along a chart's horizontal axis (centred text, the axes' titles left out)."""
+    return [t for t in page.locator(f'{chart} text[text-anchor="middle"]').all_text_contents()
+            if t not in ("step", "trial", "val_bpb")]
+
+
+def test_the_step_axis_names_each_step_once(browser, served, workspace_copy):
+    """A curve of a few steps: whole steps, none twice (not 1 1 2 2 3)."""
+    trial_id = add_trial(workspace_copy, Status.DISCARD, description="three steps", val_bpb=2.9,
+                         progress=[f"train step={n} progress_pct={33.3 * n:.1f} loss={8 - n}.0 mfu_pct=0.0"
+                                   for n in (1, 2, 3)])
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(served.url)
+    page.wait_for_selector('#loss-line[data-points="3"]')
+    assert axis_labels(page, "#loss-chart") == ["1", "2", "3"]
+    assert axis_labels(page, "#progress-chart") == [str(n) for n in range(1, trial_id + 1)]
+    assert page.inner_text("#current-title") == f"Last result: trial {trial_id}"
+    page.close()
+
+
+def test_a_row_a_dead_lab_left_running_shows_no_live_trial(browser, served, workspace_copy):
+    stale = add_trial(workspace_copy, Status.RUNNING, description="killed with the lab", started_at=time.time() - 6 * 3600)
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(served.url)
+    page.wait_for_selector('#live[data-state="stopped"]')
+    assert f"the lab stopped during trial {stale}" in page.inner_text("#live")
+    assert page.get_attribute("#current", "data-running") == "false"
+    assert page.inner_text("#current-title") == f"Last result: trial {last_result(ledger_trials(workspace_copy)[0]).id}"
+    assert f"The latest trial, {stale} (killed with the lab), is recorded as running" in page.inner_text("#current-note")
+    row = page.inner_text(f'#trials tr[data-trial-id="{stale}"]')
+    assert "left running by a lab that stopped" in row and row.split("\t")[6] == "-"  # no clock running on
+    assert page.locator('#progress-chart line[stroke="#ff9800"]').count() == 0  # no trial in flight
+    page.close()
+
+
+def test_an_unsandboxed_trial_is_marked_in_the_api(served, workspace_copy):
+    trial_id = add_trial(workspace_copy, Status.DISCARD, description="run by hand", val_bpb=2.5, sandboxed=False)
+    _, data = api(served, "/api/trials")
+    row = next(t for t in data["trials"] if t["id"] == trial_id)
+    assert row["sandboxed"] is False and all(t["sandboxed"] for t in data["trials"] if t["id"] != trial_id)
+    assert "1 of" in data["summary"]["unsandboxed"] and "unsandboxed" in data["summary"]["unsandboxed"]

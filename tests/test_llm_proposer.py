@@ -12,6 +12,8 @@ import pytest
 
 from autoresearch.lab.ledger import Ledger, Trial
 from autoresearch.lab.loop import Lab
+from autoresearch.lab.outcomes import Kind
+from autoresearch.lab.outcomes import Status as TrialStatus
 from autoresearch.lab.proposer import ProposalContext
 from autoresearch.lab.workspace import git
 from autoresearch.proposers.edits import EditError, apply_reply, describe_change, parse_reply
@@ -277,7 +279,7 @@ def test_settings_are_checked_when_the_proposer_is_made(repo, monkeypatch):
 
 # --- the loop, end to end -----------------------------------------------------------------------
 def test_the_loop_records_usage_goes_on_past_a_failed_proposal_and_honours_the_cap(tmp_path, cpu_prepared):
-    ws = make_workspace(tmp_path / "ws", cpu_prepared, baseline_runs=1)
+    ws = make_workspace(tmp_path / "ws", cpu_prepared, baseline_runs=1, rule="strict")
     settings = {"edit_attempts": 2}
     with FakeOpenAI([NO_BLOCKS, ABSENT, GOOD]) as server:
         lab = Lab(ws, log=lambda msg: None)
@@ -289,9 +291,9 @@ def test_the_loop_records_usage_goes_on_past_a_failed_proposal_and_honours_the_c
             lab.close()
     assert len(server.requests) == 3
     trials = Ledger(ws.ledger_path).trials()
-    assert [(t.kind, t.status) for t in trials] == [("baseline", "keep"), ("candidate", "crash"),
-                                                    ("candidate", "keep")], [t.reason for t in trials]
-    failed, good = trials[1:]
+    candidates = [t for t in trials if t.kind == Kind.CANDIDATE]
+    assert [t.status for t in candidates] == [TrialStatus.CRASH, TrialStatus.KEEP], [t.reason for t in trials]
+    failed, good = candidates
     assert failed.description == "proposal failed: LLMError" and failed.proposer == "llm"
     assert failed.reason.startswith("proposer error: the model's edits did not apply in 2 replies")
     assert failed.proposer_usage["requests"] == 2 and failed.proposer_usage["cost_usd"] == pytest.approx(0.007)

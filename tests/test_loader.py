@@ -1,4 +1,5 @@
-"""The packing loader: BOS-aligned best-fit rows, for training (TrainLoader) and evaluation (eval_rows).
+"""The packing loader: BOS-aligned best-fit rows, for training (as harness.feed serves them) and evaluation
+(eval_rows).
 
 The synthetic corpora here give every non-BOS token a value of its own, in ascending order through
 the corpus, so a token in a row says which document it came from and where.
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from autoresearch.harness.loader import TrainLoader, eval_rows, pack_rows
+from autoresearch.harness.feed import Feed
+from autoresearch.harness.loader import eval_rows, pack_rows
 
 BOS = 0
 
@@ -148,18 +150,22 @@ def test_a_small_buffer_still_loses_nothing():
     assert sorted(t for row in rows for t in row if t != BOS) == [int(t) for t in tokens if t != BOS]
 
 
-# --- TrainLoader -----------------------------------------------------------------------------------
+# --- the training rows, as the lab's feed serves them ---------------------------------------------
 
 def loader(lengths, seq_len=16, batch_size=4, seed=0):
+    """(inputs, targets, epoch) batches of the training rows of `seed`, as harness.feed serves them."""
     tokens, starts = make_corpus(lengths)
-    return TrainLoader(tokens, starts, seq_len, batch_size, BOS, seed, device="cpu")
+    feed = Feed(tokens, starts, seq_len, BOS, vocab_size=int(tokens.max()) + 1)
+    feed.start()
+    while True:
+        rows, epoch, _ = feed.rows(batch_size, seed)
+        rows = torch.from_numpy(rows.astype(np.int64))
+        yield rows[:, :-1], rows[:, 1:], epoch
 
 
 def test_train_batches_are_int64_inputs_and_targets_shifted_by_one():
     inputs, targets, epoch = next(loader(LENGTHS, seq_len=32, batch_size=4))
     assert inputs.shape == targets.shape == (4, 32)
-    assert inputs.dtype == targets.dtype == torch.int64
-    assert inputs.device.type == targets.device.type == "cpu"
     assert torch.equal(inputs[:, 1:], targets[:, :-1])
     assert (inputs[:, 0] == BOS).all()
     assert epoch == 0
@@ -193,22 +199,29 @@ def test_the_epoch_counter_turns_after_a_pass_over_the_data(n_docs):
     assert rows[0][0] != rows[1][1]  # each pass is shuffled afresh
 
 
-def test_on_the_embedded_default_corpus_the_first_batch_is_in_epoch_zero(cpu_prepared):
-    # Its 225 training documents are fewer than the loader's buffer of 1000.
+def test_on_the_embedded_default_corpus_the_first_batches_are_in_epoch_zero(cpu_prepared):
+    # Its 225 training documents are fewer than the packer's buffer of 1000.
     data = cpu_prepared
-    train = TrainLoader(data.tokens("train"), data.doc_starts("train"), 256, 8, data.tokenizer.bos_id, seed=0)
-    epochs = [epoch for _, _, epoch in itertools.islice(train, 20)]
-    assert epochs == [0] * 20
+    feed = Feed(data.tokens("train"), data.doc_starts("train"), 256, data.tokenizer.bos_id, data.tokenizer.vocab_size)
+    feed.start()
+    assert [feed.rows(8, seed=0)[1] for _ in range(20)] == [0] * 20
 
 
 def test_a_real_prepared_split_packs_into_rows_of_valid_tokens(small_prepared, tiny_profile):
     data = small_prepared
-    train = TrainLoader(data.tokens("train"), data.doc_starts("train"), tiny_profile.seq_len, 16,
-                        data.tokenizer.bos_id, seed=0)
-    inputs, targets, _ = next(train)
+    inputs, targets, _ = next(loader_of(data, tiny_profile, 16))
     assert inputs.shape == (16, tiny_profile.seq_len)
     assert (inputs[:, 0] == data.tokenizer.bos_id).all()
     assert 0 <= int(inputs.min()) and int(targets.max()) < tiny_profile.vocab_size
+
+
+def loader_of(data, profile, batch_size, seed=0):
+    feed = Feed(data.tokens("train"), data.doc_starts("train"), profile.seq_len, data.tokenizer.bos_id,
+                profile.vocab_size)
+    feed.start()
+    while True:
+        rows = torch.from_numpy(feed.rows(batch_size, seed)[0].astype(np.int64))
+        yield rows[:, :-1], rows[:, 1:], 0
 
 
 # --- eval_rows -------------------------------------------------------------------------------------
@@ -216,16 +229,16 @@ def test_a_real_prepared_split_packs_into_rows_of_valid_tokens(small_prepared, t
 def test_eval_rows_are_the_same_on_every_call():
     tokens, starts = make_corpus(LENGTHS)
     first = eval_rows(tokens, starts, 32, BOS, max_rows=50)
-    assert all(torch.equal(first, eval_rows(tokens, starts, 32, BOS, max_rows=50)) for _ in range(3))
+    assert all(np.array_equal(first, eval_rows(tokens, starts, 32, BOS, max_rows=50)) for _ in range(3))
 
 
 def test_eval_rows_are_capped_at_max_rows():
     tokens, starts = make_corpus(LENGTHS)
     rows = eval_rows(tokens, starts, 32, BOS, max_rows=50)
     assert rows.shape == (50, 33)
-    assert rows.dtype == torch.int64
+    assert rows.dtype == np.int64
     # A larger cap extends the same rows: the first 50 do not depend on the cap.
-    assert torch.equal(eval_rows(tokens, starts, 32, BOS, max_rows=80)[:50], rows)
+    assert np.array_equal(eval_rows(tokens, starts, 32, BOS, max_rows=80)[:50], rows)
 
 
 def test_a_split_smaller_than_the_cap_is_evaluated_whole():

@@ -277,7 +277,7 @@ def test_resume_continues_the_study_and_settles_what_was_left_open(tmp_path):
 def test_the_loop_runs_search_end_to_end(tmp_path, cpu_prepared):
     from autoresearch.lab.loop import Lab
 
-    ws = make_workspace(tmp_path / "ws", cpu_prepared, budget=1.5, baseline_runs=1)
+    ws = make_workspace(tmp_path / "ws", cpu_prepared, budget=1.5, baseline_runs=1, rule="strict")
     settings = {"seed": 0, "include": ["BATCH"], "space": {"DIM": {"low": 8, "high": 64, "log": True}}}
     proposer = SearchProposer.from_settings(ws.root, settings)
     lab = Lab(ws, log=lambda msg: None)

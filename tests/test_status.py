@@ -1,7 +1,8 @@
 """`autoresearch status`: the terminal view of a run, printed once (no TTY needed) or watched.
 
 Uses the real small workspace of test_report.py (the real loop, the tiny trainer), and one more
-real trial running in the background for the live numbers.
+real trial running in the background for the live numbers. Expectations come from the ledger and
+the lab's own functions (report_helpers.ledger_trials), never from fixed trial ids.
 """
 from __future__ import annotations
 
@@ -10,15 +11,20 @@ import json
 import re
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 
 import pytest
 
+from autoresearch.lab.decide import VALUE_KINDS
 from autoresearch.lab.ledger import SCHEMA_VERSION
+from autoresearch.lab.outcomes import Failure, Kind, Status
 from lab_helpers import make_workspace
-from report_helpers import ledger_trials, running_trial_with_progress, set_budget, start_trial, wait_for
+from report_helpers import add_trial, ledger_trials, running_trial_with_progress, set_budget, start_trial, wait_for
 
 
 def status_text(root, **kwargs) -> tuple[int, str]:
@@ -29,27 +35,65 @@ def status_text(root, **kwargs) -> tuple[int, str]:
     return code, out.getvalue()
 
 
-def test_status_shows_the_best_the_noise_floor_and_the_last_trials(research_workspace):
+def test_status_shows_the_best_the_noise_and_the_last_trials(research_workspace):
     code, text = status_text(research_workspace)
     assert code == 0
-    trials, sigma = ledger_trials(research_workspace)
-    base = [t.val_bpb for t in trials[:2]]
-    best = trials[2]
-    assert re.search(rf"best {best.val_bpb:.6f}\s+{best.short_sha} over 1 run\(s\)", text)
-    assert f"base {sum(base) / 2:.6f}" in text
-    assert f"σ = {sigma:.6f} from 2 baseline seeds" in text
-    assert "trials 5: 3 keep, 1 discard, 1 crash" in text and "keep rate 33% of 3 candidates" in text
+    trials, lab = ledger_trials(research_workspace)
+    best, noise = lab.best, lab.noise
+    base = [t.val_bpb for t in trials if t.commit_sha == lab.base_commit and t.kind in VALUE_KINDS
+            and t.status == Status.KEEP]
+    assert re.search(rf"best {best.mean:.6f}\s+{best.commit[:7]} over {len(best.values)} run\(s\)", text)
+    assert f"base {statistics.fmean(base):.6f}  over {len(base)} run(s)" in text
+    assert f"noise σ = {noise.sigma:.6f} with {noise.df} df, pooled over every commit run more than once" in text
+    assert f"gains under {lab.detectable_gain:.4g} are invisible here: lengthen the budget or allow more runs" in text
+    count = Counter(t.status for t in trials)
+    counted = [t for t in trials if t.kind == Kind.CANDIDATE and t.status in (Status.KEEP, Status.DISCARD, Status.CRASH)]
+    assert (f"trials {len(trials)}: {count[Status.KEEP]} keep, {count[Status.DISCARD]} discard, "
+            f"{count[Status.CRASH]} crash") in text
+    kept = sum(t.status == Status.KEEP for t in counted)
+    assert f"keep rate {100 * kept / len(counted):.0f}% of {len(counted)} candidates" in text
     for t in trials:
         assert re.search(rf"^\s*{t.id}\s+{t.kind}\s+{t.short_sha}\s+{t.status}", text, re.M), t.id
-    assert "[exit] exit: train.py exited with code 1" in text  # brackets printed, not taken for markup
-    assert f"{trials[3].decision['delta']:+.6f}" in text
+    (crash,) = [t for t in trials if t.status == Status.CRASH]
+    assert f"[exit] {crash.reason[:40]}" in text  # brackets printed, not taken for markup
+    for t in trials:
+        if t.kind == Kind.CANDIDATE and t.status == Status.DISCARD:
+            assert f"{t.decision['delta']:+.6f}" in text
     assert "\x1b[" not in text  # no TTY, no escape codes
 
 
+def test_trials_that_ended_without_a_decision_are_shown_as_what_they_are(workspace_copy):
+    """A crash is counted under its failure; a stopped or lost trial (run again) and an empty proposal
+    are no crashes and no candidates of the keep rate, and are listed with why they ended."""
+    trials, _ = ledger_trials(workspace_copy)
+    oom = add_trial(workspace_copy, Status.CRASH, failure=Failure.OOM, description="wider model",
+                    reason="CUDA out of memory while allocating 2.0 GiB")
+    stopped = add_trial(workspace_copy, Status.STOPPED, description="deeper model",
+                        reason="stopped: the lab was told to stop during this trial")
+    lost = add_trial(workspace_copy, Status.LOST, description="longer warm-down", reason="its worker went away")
+    empty = add_trial(workspace_copy, Status.EMPTY, description="nothing at all",
+                      reason="no change: the proposal edited nothing")
+    _, text = status_text(workspace_copy)
+    count = Counter(t.status for t in trials)
+    counted = 1 + sum(t.kind == Kind.CANDIDATE and t.status in (Status.KEEP, Status.DISCARD, Status.CRASH)
+                      for t in trials)
+    kept = sum(t.kind == Kind.CANDIDATE and t.status == Status.KEEP for t in trials)
+    assert (f"trials {len(trials) + 4}: {count[Status.KEEP]} keep, {count[Status.DISCARD]} discard, "
+            f"{count[Status.CRASH] + 1} crash, 1 stopped, 1 lost, 1 empty") in text
+    assert f"keep rate {100 * kept / counted:.0f}% of {counted} candidates" in text
+    assert "[oom] CUDA out of memory while allocating 2.0 GiB" in text
+    for trial_id, status in ((oom, "crash"), (stopped, "stopped"), (lost, "lost"), (empty, "empty")):
+        assert re.search(rf"^\s*{trial_id}\s+candidate\s+0000000\s+{status}\s", text, re.M), status
+    assert "stopped: the lab was told to stop during this trial" in text and "its worker went away" in text
+    assert "no change: the proposal edited nothing" in text
+
+
 def test_last_limits_the_table(research_workspace):
+    trials, _ = ledger_trials(research_workspace)
     _, text = status_text(research_workspace, last=2)
-    assert not re.search(r"^\s*3\s+candidate", text, re.M)
-    assert re.search(r"^\s*4\s+candidate", text, re.M) and re.search(r"^\s*5\s+candidate", text, re.M)
+    assert not re.search(rf"^\s*{trials[-3].id}\s+{trials[-3].kind}", text, re.M)
+    for t in trials[-2:]:
+        assert re.search(rf"^\s*{t.id}\s+{t.kind}", text, re.M)
 
 
 def test_status_of_a_workspace_without_trials_says_so_and_succeeds(tmp_path, cpu_prepared):
@@ -81,8 +125,8 @@ def test_status_shows_the_running_trial_live_from_its_log(workspace_copy):
     assert proc.returncode == 0, err
     assert code == 0
     assert f"now  trial {trial_id} [candidate] seed 0 -> 1" in text
-    live = re.search(r"step (\d+) · ([\d.]+)% · loss (\d+\.\d{4}) · ([\d,]+) tok/s · MFU 0\.0% · epoch 0 · (\w+) of "
-                     r"training left", text)
+    live = re.search(r"step (\d+) · ([\d.]+)% · loss (\d+\.\d{4}) · ([\d,]+) tok/s · MFU n/a · epoch 0 · (\w+) of "
+                     r"training left", text)  # MFU: a CPU has none (the trainer prints 0.0)
     assert live, text
     assert int(live.group(1)) > 0 and 0 <= float(live.group(2)) <= 100
     assert re.search(rf"^\s*{trial_id}\s+candidate\s+\w+\s+running", text, re.M)
@@ -108,16 +152,22 @@ def test_status_works_without_a_terminal(research_workspace):
 def test_watch_redraws_until_interrupted(research_workspace):
     proc = subprocess.Popen([sys.executable, "-c", STATUS_IN_A_PROCESS, str(research_workspace), "--watch"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2.5)
+    watchdog = threading.Timer(60, proc.kill)  # a watch that never draws fails the test, not the whole run
+    watchdog.start()
+    seen = []
+    for line in proc.stdout:  # interrupt only once it has redrawn: a fixed sleep races a loaded machine
+        seen.append(line)
+        if sum("noise σ" in s for s in seen) >= 2:
+            break
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
+    watchdog.cancel()
     assert proc.returncode == 0, err
-    assert out.count("noise σ") >= 2  # printed again at each refresh when stdout is no terminal
+    assert "".join(seen).count("noise σ") >= 2  # printed again at each refresh when stdout is no terminal
 
 
 def test_a_trial_left_running_by_a_dead_lab_is_called_so(workspace_copy):
     from autoresearch.lab.ledger import Ledger
-    from autoresearch.report.build import trial_running
     from autoresearch.report.data import find_workspace
 
     ledger = Ledger(workspace_copy / ".autoresearch" / "ledger.db")
@@ -127,4 +177,18 @@ def test_a_trial_left_running_by_a_dead_lab_is_called_so(workspace_copy):
     ledger.close()
     _, text = status_text(workspace_copy)
     assert f"now  trial {trial_id}" in text and "the lab stopped during it" in text
-    assert not trial_running(find_workspace(workspace_copy))  # a report need not wait for it
+    assert find_workspace(workspace_copy).holder() is None  # the dead lab holds nothing: a report need not wait
+
+
+def test_an_unsandboxed_trial_is_called_so_in_the_view_and_the_report(workspace_copy):
+    from autoresearch.report.data import load
+    from autoresearch.report.html import render_html
+    from autoresearch.report.summary import markdown
+
+    add_trial(workspace_copy, Status.DISCARD, description="run by hand", val_bpb=2.5, sandboxed=False)
+    code, text = status_text(workspace_copy)
+    a = load(workspace_copy)
+    assert code == 0 and "WARNING: 1 of" in text and "ran unsandboxed" in text and "unsandboxed: its train.py could read" in text
+    assert "**WARNING**: 1 of" in markdown(a, [])
+    page = render_html(a, [], None)
+    assert 'class="warning"' in page and "[unsandboxed: its train.py could read" in page.replace("&#x27;", "'")

@@ -2,24 +2,29 @@
 
 Specifications: its constants are plain one-line literals; importing it trains nothing;
 build_model gives the reference's model (parameters, windows, value embeddings, soft-capped fp32
-logits) and it is causal; every attention path computes the same function; a real short CPU run
-prints the summary block, writes result.json and a checkpoint the lab can rebuild; and a broken
-edit (divergence, syntax error, out of memory) ends non-zero with a message a proposer can act on.
+logits) and it is causal; every attention path computes the same function; its MFU is against the
+harness's peak-FLOPs table; a real short CPU run by hand prints progress lines and the summary block,
+trains up to the budget and no further, and hands in a checkpoint that build_model rebuilds and the
+harness's scorer scores as the summary says; and a broken edit (a batch size that does not divide,
+divergence, out of memory, a syntax error), run as the lab runs it, ends with the exit code that
+names the failure and a last line a proposer can act on.
 """
 import ast
 import dataclasses
-import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import autoresearch
 from autoresearch import harness
+from autoresearch.harness import run as harness_run
+from autoresearch.harness import wire
 from lab_helpers import TEMPLATE, load_script
 
 SRC = Path(autoresearch.__file__).parent.parent
@@ -216,35 +221,60 @@ def test_schedules(train):
     assert train.muon_momentum(300) == train.muon_momentum(5000) == pytest.approx(0.95)
 
 
-def test_peak_flops_table(train):
+def test_mfu_is_measured_against_the_harness_peak_flops_table(train):
+    """The progress line's MFU divides by the harness's dense bf16 peak for the device's name
+    (harness.peak_flops, first match wins): the table is bookkeeping a proposer does not edit, so it
+    lives in the harness, not in train.py. Unknown devices, a CPU among them, have no peak: 0."""
+    from autoresearch.harness import hardware
+
     expect = {
         "NVIDIA H100 80GB HBM3": 989.5e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H200": 989.5e12,
         "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA L40S": 362e12, "NVIDIA GeForce RTX 4090": 165.2e12,
         "NVIDIA GeForce RTX 3090": 71e12, "Some Other GPU": 0.0,
     }
     for name, flops in expect.items():
-        assert train.peak_flops(name) == flops, name
+        assert harness.peak_flops(name) == flops, name
+    assert harness.peak_flops(hardware.device_name(torch.device("cpu"))) == 0.0
+    assert not hasattr(train, "peak_flops") and not hasattr(train, "PEAK_FLOPS")
 
 
-# ---- real runs of `python train.py` on the CPU -------------------------------------------------
+# ---- real runs of train.py on the CPU ----------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def cpu_data(cpu_prepared):
-    """The cpu profile's data (the embedded default corpus), from conftest's session fixture."""
-    return cpu_prepared.path
+    """The cpu profile's prepared data (the embedded default corpus), from conftest's session fixture."""
+    return cpu_prepared
 
 
-def run_script(workdir: Path, text: str, data: Path, budget: float = 2.0, timeout: float = 120):
+def run_script(workdir: Path, text: str, data, budget: float = 2.0, as_the_lab_does: bool = False,
+               timeout: float = 120) -> subprocess.CompletedProcess:
+    """Write `text` to workdir/train.py and run it on the CPU with the cpu profile's data: by hand
+    (`python train.py`: the harness serves the run in-process, writes ./run_output/checkpoint.pt, scores
+    it and prints the summary), or as the lab runs it (`python -m autoresearch.harness.run train.py`:
+    a failure is told by the exit code and a `FAIL: ...` line)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "train.py").write_text(text)
-    env = {**os.environ, "AUTORESEARCH_PROFILE": "cpu", "AUTORESEARCH_DATA": str(data), "AUTORESEARCH_DEVICE": "cpu",
-           "AUTORESEARCH_OUTPUT": str(workdir / "out"), "AUTORESEARCH_TIME_BUDGET": str(budget),
-           "OMP_NUM_THREADS": "1",  # steadier than two spinning threads on a busy two-core CI machine
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "train.py"], cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+    env = {k: v for k, v in os.environ.items() if k not in (wire.SOCKET_ENV, wire.KEY_ENV)}  # no lab around it
+    env.update({"AUTORESEARCH_PROFILE": "cpu", "AUTORESEARCH_DATA": str(data.path), "AUTORESEARCH_DEVICE": "cpu",
+                "AUTORESEARCH_TIME_BUDGET": str(budget),
+                "OMP_NUM_THREADS": "1",  # steadier than two spinning threads on a busy two-core CI machine
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))})
+    command = ["-m", "autoresearch.harness.run", "train.py"] if as_the_lab_does else ["train.py"]
+    return subprocess.run([sys.executable, *command], cwd=workdir, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
-def test_short_cpu_run_end_to_end(tmp_path, cpu_data, monkeypatch):
+def edited(text: str, old: str, new: str) -> str:
+    assert old in text, old
+    return text.replace(old, new, 1)
+
+
+def last_line(stream: str) -> str:
+    """What the lab reports of a failed run: the last line train.py's process wrote."""
+    return stream.strip().splitlines()[-1]
+
+
+def test_short_cpu_run_end_to_end(tmp_path, cpu_data):
     proc = run_script(tmp_path, render_profile("cpu", TINY), cpu_data)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
@@ -257,56 +287,79 @@ def test_short_cpu_run_end_to_end(tmp_path, cpu_data, monkeypatch):
     lines = out.splitlines()
     block = lines[lines.index("---") + 1 :]
     assert [l.split(":")[0] for l in block] == SUMMARY_KEYS
+    assert all(l[:18] == (l.split(":")[0] + ":").ljust(18) and re.fullmatch(r"\S+", l[18:]) for l in block), block
     assert re.fullmatch(r"val_bpb: {10}\d+\.\d{6}", block[0])
-    values = {l.split(":")[0]: float(l.split(":")[1]) for l in block}
-    assert values["mfu_percent"] == 0.0 and values["depth"] == 2 and values["num_steps"] > 2
+    values = {l.split(":")[0]: l.split(":")[1].strip() for l in block}
+    # A CPU has no peak-FLOPs figure, so no MFU.
+    assert values["mfu_percent"] == "n/a" and int(values["depth"]) == 2 and int(values["num_steps"]) > 2
     # It trains up to the budget and stops before a step would overrun it.
-    assert 1.0 <= values["training_seconds"] <= 2.05 and 0 < values["val_bpb"] < 5
+    assert 1.0 <= float(values["training_seconds"]) <= 2.05 and 0 < float(values["val_bpb"]) < 5
 
-    result = json.loads((tmp_path / "out" / "result.json").read_text())
-    for key in SUMMARY_KEYS:
-        assert key in result
-    assert result["val_bpb"] == pytest.approx(values["val_bpb"], abs=1e-6)
+    # The checkpoint handed in is the weights and the config that build_model rebuilds, in a fresh import.
+    from autoresearch.harness.loader import eval_rows
+    from autoresearch.harness.model_server import LocalModel, load_model
+    from autoresearch.harness.scoring import TOLERANCE, Scorer, eval_batch_size
 
-    # The lab rebuilds the model from the checkpoint in a process of its own and scores it: the same number.
-    ckpt = torch.load(tmp_path / "out" / "checkpoint.pt", map_location="cpu", weights_only=True)
-    model = load_script(tmp_path / "train.py", name="train_rebuilt").build_model(ckpt["config"])
-    assert model.load_state_dict(ckpt["state_dict"]) is not None
-    from autoresearch.harness.evaluate import evaluate_checkpoint
+    profile = harness.get_profile("cpu")
+    checkpoint = tmp_path / "run_output" / "checkpoint.pt"
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    rebuilt = load_script(tmp_path / "train.py", name="train_rebuilt")
+    assert ckpt["profile"] == "cpu" and ckpt["config"] == rebuilt.model_config(profile.vocab_size, profile.seq_len)
+    model = rebuilt.build_model(ckpt["config"])
+    model.load_state_dict(ckpt["state_dict"])  # strict: every weight, and nothing else
+    assert float(values["num_params_M"]) == round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
 
-    for key, value in dict(AUTORESEARCH_PROFILE="cpu", AUTORESEARCH_DATA=str(cpu_data), AUTORESEARCH_DEVICE="cpu",
-                           AUTORESEARCH_OUTPUT=str(tmp_path / "rescore")).items():
-        monkeypatch.setenv(key, value)
-    scored = evaluate_checkpoint(tmp_path / "train.py", tmp_path / "out" / "checkpoint.pt")
-    assert scored["causality"]["causal"]
-    assert scored["val_bpb"] == pytest.approx(result["val_bpb"], abs=1e-5)
+    # Scored again by the harness's scorer, as the lab scores it (rebuilt through load_model, probed
+    # for reading ahead), it gets the val_bpb the summary printed.
+    rows = np.asarray(eval_rows(cpu_data.tokens("val"), cpu_data.doc_starts("val"), profile.seq_len,
+                                cpu_data.tokenizer.bos_id, profile.eval_rows))
+    device = torch.device("cpu")
+    scorer = Scorer(rows, cpu_data.tokenizer.token_bytes(), eval_batch_size("cpu", profile.seq_len, profile.vocab_size),
+                    TOLERANCE["cpu"])
+    score = scorer.score(LocalModel(load_model(tmp_path / "train.py", checkpoint, device), device, profile.vocab_size))
+    assert score.probes > 0 and score.worst_difference <= score.tolerance  # causal: no probe saw it read ahead
+    assert score.bpb == pytest.approx(float(values["val_bpb"]), abs=1e-6)
 
 
 def test_batch_sizes_must_divide(tmp_path, cpu_data):
-    proc = run_script(tmp_path, render_profile("cpu", {**TINY, "TOTAL_BATCH_SIZE": 3000}), cpu_data)
-    assert proc.returncode != 0 and "FAIL: TOTAL_BATCH_SIZE=3000 must be a multiple of" in proc.stdout
+    """A TOTAL_BATCH_SIZE that is no whole number of device batches is refused before anything trains,
+    and the lab's report of the failure (the last line) says what it must be a multiple of."""
+    proc = run_script(tmp_path, render_profile("cpu", {**TINY, "TOTAL_BATCH_SIZE": 3000}), cpu_data,
+                      as_the_lab_does=True)
+    assert proc.returncode == harness_run.EXIT_ERROR, proc.stderr
+    assert last_line(proc.stderr) == ("ValueError: TOTAL_BATCH_SIZE=3000 must be a multiple of DEVICE_BATCH_SIZE * "
+                                      "seq_len = 8 * 256 = 2048")
+    assert not [l for l in proc.stdout.splitlines() if l.startswith("train ")]
 
 
 def test_divergence_fails_fast(tmp_path, cpu_data):
+    """Learning rates that blow the loss up end the run at the first bad step, long before its budget,
+    with the diverged exit code and no checkpoint handed in."""
     lrs = dict(EMBEDDING_LR=1e9, UNEMBEDDING_LR=1e9, MATRIX_LR=1e9, SCALAR_LR=1e9)
-    proc = run_script(tmp_path, render_profile("cpu", {**TINY, **lrs}), cpu_data, budget=30)
-    assert proc.returncode != 0
-    assert "FAIL: training loss is" in proc.stdout and "Lower the learning rates" in proc.stdout
-    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+    proc = run_script(tmp_path, render_profile("cpu", {**TINY, **lrs}), cpu_data, budget=30, as_the_lab_does=True)
+    assert proc.returncode == harness_run.EXIT_DIVERGED, proc.stderr
+    fail = last_line(proc.stderr)
+    assert re.fullmatch(r"FAIL: training loss is \S+ at step \d+: the run diverged\. Lower the learning rates "
+                        r"\(MATRIX_LR, EMBEDDING_LR, UNEMBEDDING_LR, SCALAR_LR\), or undo the last change\.", fail), fail
+    assert int(re.search(r"at step (\d+)", fail).group(1)) < 5
+    assert not (tmp_path / "run_output" / "checkpoint.pt").exists()
 
 
 def test_syntax_error_exits_nonzero(tmp_path, cpu_data):
     text = render_profile("cpu", TINY).replace("def norm(x):", "def norm(x)", 1)
-    proc = run_script(tmp_path, text, cpu_data)
-    assert proc.returncode != 0 and "SyntaxError" in proc.stderr
+    proc = run_script(tmp_path, text, cpu_data, as_the_lab_does=True)
+    assert proc.returncode == harness_run.EXIT_ERROR and last_line(proc.stderr).startswith("SyntaxError")
 
 
 def test_out_of_memory_message(tmp_path, cpu_data):
-    (tmp_path / "train.py").write_text(render_profile("cpu", TINY))
-    code = ("import runpy, torch\nfrom autoresearch import harness\n"
-            "def oom(): raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 8.00 GiB')\n"
-            "harness.start_run = oom\nrunpy.run_path('train.py', run_name='__main__')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0
-    assert "out of memory" in proc.stdout and "DEVICE_BATCH_SIZE" in proc.stdout
+    """Running out of device memory in a training step (simulated here: a CPU run has no CUDA memory
+    to exhaust) ends with the out-of-memory exit code, a FAIL line that says what to lower, and no
+    checkpoint."""
+    text = edited(render_profile("cpu", TINY), "                    loss = train_loss(inputs, targets)\n",
+                  "                    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 8.00 GiB')\n")
+    proc = run_script(tmp_path, text, cpu_data, as_the_lab_does=True)
+    assert proc.returncode == harness_run.EXIT_OOM, proc.stderr
+    assert "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB" in proc.stderr
+    fail = last_line(proc.stderr)
+    assert fail.startswith("FAIL: out of memory") and "Lower the device batch size" in fail, fail
+    assert not (tmp_path / "run_output" / "checkpoint.pt").exists()

@@ -1,25 +1,22 @@
 #!/bin/bash
-# A full run of the train.py template with the h100 profile on prepared data carried to the GPU box
-# as .data/gpu/h100 (train.bin compressed with xz to fit the transfer limit), then a re-score of its
-# checkpoint in a fresh process, as the lab does it. Usage (repository root): bash bench/gpu/run_h100_profile.sh OUTDIR
+# A full run of the train.py template with the h100 profile through the lab, as a night runs it (sandboxed,
+# the lab's clock, the checkpoint scored by the lab in its model processes), on prepared data carried to the
+# GPU box as .data/gpu/h100 (train.bin compressed with xz to fit the transfer limit): one baseline run, its
+# train.log (progress lines and the summary block) and its row of the ledger.
+# Usage (repository root): [BUDGET=300] bash bench/gpu/run_h100_profile.sh OUTDIR
 set -euo pipefail
 OUTDIR=${1:-/tmp/run_h100}
 source bench/gpu/setup.sh
-WS=$(mktemp -d); cp src/autoresearch/templates/train.py $WS/
-cd $WS
-START=$(date +%s)
-AUTORESEARCH_PROFILE=h100 AUTORESEARCH_DATA=$DATA AUTORESEARCH_OUTPUT=$WS/out python3 train.py 2>&1 | tee $OUTDIR/run.log
-echo "wall_seconds: $(( $(date +%s) - START ))" | tee -a $OUTDIR/run.log
-cp $WS/out/result.json $OUTDIR/
-python3 - <<PY 2>&1 | tee -a $OUTDIR/run.log
-import importlib.util, json, time, torch
-from autoresearch import harness
-spec = importlib.util.spec_from_file_location("train", "$WS/train.py"); t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)
-ck = torch.load("$WS/out/checkpoint.pt", map_location="cpu")
-with torch.device("cuda"):
-    m = t.build_model(ck["config"])
-m.load_state_dict(ck["state_dict"])
-import os; os.environ.update(AUTORESEARCH_PROFILE="h100", AUTORESEARCH_DATA="$DATA", AUTORESEARCH_OUTPUT="/tmp/rescore")
-t0 = time.time(); bpb = harness.start_run().evaluate_bpb(m, 32)
-print(f"rescored_val_bpb: {bpb:.6f} (in {time.time()-t0:.1f}s); in-run: {json.load(open('$WS/out/result.json'))['val_bpb']:.6f}")
+git config --global user.email bench@localhost; git config --global user.name bench
+python3 - <<PY
+from pathlib import Path
+from autoresearch.harness import PreparedData, get_profile
+from autoresearch.lab.decide import DecisionRule
+from autoresearch.lab.workspace import Workspace
+Workspace.create(Path("/tmp/ws"), tag="h100", profile="h100", data=PreparedData.open(Path("$DATA"), get_profile("h100")),
+                 time_budget=${BUDGET:-300}, rule=DecisionRule(baseline_runs=1))
 PY
+START=$(date +%s)
+python3 -m autoresearch baseline /tmp/ws 2>&1 | tee $OUTDIR/baseline.log
+echo "wall_seconds: $(( $(date +%s) - START ))" | tee -a $OUTDIR/baseline.log
+cp /tmp/ws/.autoresearch/trials/00001/train.log /tmp/ws/.autoresearch/trials/00001/result.json $OUTDIR/

@@ -15,7 +15,7 @@ PY
 cd /tmp/ws
 timeout ${LOOP_SECONDS:-480} python3 -m autoresearch run --max-trials ${TRIALS:-3} 2>&1 | tee $OUTDIR/run.log
 python3 -m autoresearch status 2>&1 | tee $OUTDIR/status.txt
-python3 -m autoresearch report --test-eval always 2>&1 | tee $OUTDIR/report.txt
+python3 -m autoresearch report 2>&1 | tee $OUTDIR/report.txt
 cp results.tsv $OUTDIR/ 2>/dev/null; cp .autoresearch/report/progress.png $OUTDIR/ 2>/dev/null; cp .autoresearch/report/report.html $OUTDIR/ 2>/dev/null
 python3 - <<PY > $OUTDIR/trials.json
 import json, sqlite3

@@ -5,6 +5,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -60,46 +61,93 @@ def _cmd_init(args: argparse.Namespace) -> int:
     data, _ = prepare(source, profile)
     rule = DecisionRule(name=args.rule, baseline_runs=args.baseline_runs)
     trainer = Path(args.trainer).read_text() if args.trainer else None
+    budget = _first(args.budget, os.environ.get("AUTORESEARCH_TIME_BUDGET"))
     ws = Workspace.create(Path(args.dir), tag=args.tag or time.strftime("%b%d").lower(), profile=profile.name,
-                          data=data, rule=rule, trainer_source=trainer, time_budget=args.budget)
+                          data=data, rule=rule, trainer_source=trainer,
+                          time_budget=float(budget) if budget is not None else None)
     print(f"workspace ready: {ws.root} (branch {ws.config['branch']}, profile {profile.name}, "
           f"budget {ws.time_budget:g}s, data {data.path})")
+    theirs = ws.untracked_and_ignored()
+    if theirs:
+        print(f"note: {len(theirs)} untracked or ignored file(s) here ({', '.join(theirs[:3])}"
+              f"{', ...' if len(theirs) > 3 else ''}) are safe: the lab writes only train.py, the branch "
+              f"{ws.config['branch']}, results.tsv and {ws.lab_dir.name}/, and never cleans, resets or deletes "
+              "anything else")
     print(f"next: `autoresearch run {args.dir}` to start the loop, or point a coding agent at "
           f"{ws.root / 'program.md'}")
     return 0
 
 
-def _open_lab(path: str | None):
+def _open_lab(args: argparse.Namespace):
     from .lab.loop import Lab
     from .lab.workspace import Workspace
 
-    return Lab(Workspace.open(Path(path) if path else None))
+    ws = Workspace.open(Path(args.workspace) if args.workspace else None)
+    unsandboxed = args.unsandboxed or bool(ws.settings().get("run", {}).get("unsandboxed", False))
+    if unsandboxed:
+        print("autoresearch: WARNING: running unsandboxed, as asked: train.py can read the answers, the network and "
+              "your files; every trial is marked unsandboxed in the record.", file=sys.stderr)
+    return Lab(ws, sandboxed=not unsandboxed)
 
 
 def _stop_on_signals(lab) -> None:
-    """First Ctrl-C (or SIGTERM): finish cleanly, killing the trial in flight. Second: stop at once."""
+    """First Ctrl-C (or SIGTERM): finish cleanly, stopping the trial in flight. Second: stop at once."""
     def handler(signum, frame):
         if lab.stop.is_set():
             raise KeyboardInterrupt
         lab.stop.set()
-        print("\nstopping: killing the trial in flight and recording it (Ctrl-C again to abort)", file=sys.stderr)
+        print("\nstopping: the trial in flight is stopped and recorded as such; `autoresearch run` runs it again "
+              "(Ctrl-C again to abort)", file=sys.stderr)
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
 
 
+def _show_progress(lab) -> threading.Thread | None:
+    """On a terminal: one line, rewritten in place, with the running trial's step, loss and time left."""
+    if not sys.stderr.isatty():
+        return None
+    from .report.data import parse_progress_line, read_tail
+
+    def watch():
+        shown = ""
+        while True:
+            current = lab.current
+            if current is None:
+                if shown:
+                    print("\r" + " " * len(shown) + "\r", end="", file=sys.stderr, flush=True)
+                    shown = ""
+                time.sleep(0.5)
+                continue
+            trial_id, log = current
+            points = [p for p in map(parse_progress_line, (read_tail(log, 4096) or "").splitlines()) if p]
+            if points:
+                p = points[-1]
+                line = (f"  trial {trial_id}: step {p.get('step')}, loss {p.get('loss', float('nan')):.4f}, "
+                        f"{p.get('remaining_s', 0):.0f} s left")
+                print("\r" + line.ljust(len(shown)), end="", file=sys.stderr, flush=True)
+                shown = line
+            time.sleep(1.0)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
 def _cmd_baseline(args: argparse.Namespace) -> int:
-    lab = _open_lab(args.workspace)
+    lab = _open_lab(args)
     _stop_on_signals(lab)
+    _show_progress(lab)
     try:
-        lab.resume()
-        best = lab.baseline()
+        with lab.ws.lock("baseline"):
+            lab.resume()
+            best = lab.baseline()
         if best is None:
             print("stopped before the baseline was complete; `autoresearch baseline` continues it")
             return 0
-        sigma = lab.sigma()
+        noise = lab.noise()
         print(f"baseline: val_bpb {best.mean:.6f} over {len(best.values)} run(s)"
-              + (f", noise floor sigma {sigma:.6f}" if sigma is not None else ""))
+              + (f", noise sigma {noise.sigma:.6f} ({noise.df} df)" if noise.sigma is not None else ""))
     finally:
         lab.close()
     return 0
@@ -111,40 +159,77 @@ def _cmd_trial(args: argparse.Namespace) -> int:
         print("autoresearch: error: this agent was started by `autoresearch run`, which runs the trial "
               "itself: edit train.py and end your turn.", file=sys.stderr)
         return 2
-    lab = _open_lab(args.workspace)
+    from .lab.outcomes import Status
+
+    lab = _open_lab(args)
     _stop_on_signals(lab)
+    _show_progress(lab)
     try:
-        trial = lab.candidate(args.message, args.proposer)
+        with lab.ws.lock("trial"):
+            trial = lab.candidate(args.message, args.proposer)
     finally:
         lab.close()
-    shown = f"val_bpb {trial.val_bpb:.6f}" if trial.val_bpb is not None else trial.reason
-    print(f"{trial.status}: {shown}")
-    if trial.decision.get("why"):
-        print(f"  why: {trial.decision['why']}")
+    # The lab has said how the trial ended, and why, once; what is left is where to read more.
+    if trial.status == Status.CRASH:
+        if trial.log_path and Path(trial.log_path).is_file():
+            print(f"  the trial's log: {trial.log_path}")
+        return 1
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .proposers import make_proposer
 
-    lab = _open_lab(args.workspace)
+    lab = _open_lab(args)
     try:
         settings = lab.ws.settings()
         run_settings = settings.get("run", {})
-        name = args.proposer or ("scripted" if args.script else run_settings.get("proposer", "search"))
+        name = args.proposer or ("agent" if args.agent else "scripted" if args.script else
+                                 run_settings.get("proposer", "search"))
+        if args.agent and name != "agent":
+            raise UserError(f"--agent {args.agent} names a coding agent, but the proposer is {name}")
         proposer_settings = dict(settings.get(name, {}))
-        if args.max_cost is not None:
-            proposer_settings["max_cost"] = args.max_cost
+        overrides = {"preset": args.agent, "model": args.model, "api": args.api, "max_cost": args.max_cost}
+        for key, value in overrides.items():
+            if value is not None:
+                proposer_settings[key] = value
         proposer = make_proposer(name, lab.ws.root, proposer_settings,
                                  script=Path(args.script) if args.script else None)
         _stop_on_signals(lab)
-        lab.run(proposer, max_trials=args.max_trials if args.max_trials is not None else run_settings.get("max_trials"),
-                max_hours=args.max_hours if args.max_hours is not None else run_settings.get("max_hours"))
+        _show_progress(lab)
+        max_trials = _first(args.max_trials, os.environ.get("AUTORESEARCH_MAX_TRIALS"), run_settings.get("max_trials"))
+        confirm_runs = _first(args.confirm_runs, os.environ.get("AUTORESEARCH_CONFIRM_RUNS"),
+                              run_settings.get("confirm_runs"), 3)
+        with lab.ws.lock("run"):
+            lab.run(proposer, max_trials=int(max_trials) if max_trials is not None else None,
+                    max_hours=args.max_hours if args.max_hours is not None else run_settings.get("max_hours"),
+                    confirm_runs=int(confirm_runs))
     finally:
         lab.close()
     if lab.stop.is_set():
         print("stopped cleanly; `autoresearch run` continues where this stopped")
     return 0
+
+
+def _cmd_confirm(args: argparse.Namespace) -> int:
+    from .lab.confirm import confirm
+
+    lab = _open_lab(args)
+    _stop_on_signals(lab)
+    _show_progress(lab)
+    try:
+        with lab.ws.lock("confirm"):
+            lab.resume()
+            if lab.best() is None:
+                raise UserError("There is no baseline yet: run `autoresearch run` (or `autoresearch baseline`) first.")
+            confirm(lab, runs=args.runs, ablate=not args.no_ablation)
+    finally:
+        lab.close()
+    return 0
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -154,15 +239,47 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    """The lab scores the sealed test where it is missing (in its sandboxes, holding the workspace's lock),
+    then the report reads. While a lab runs, it holds the lock: the report then shows what is cached."""
     from .report import report
 
-    return report(args.workspace, args.out, test_eval=args.test_eval)
+    if args.test_eval == "auto":
+        from .lab import sealed
+        from .lab.sandbox import SandboxUnavailable
+        from .lab.workspace import Workspace, WorkspaceBusy, WorkspaceError
+
+        ws = Workspace.open(Path(args.workspace) if args.workspace else None)
+        unsandboxed = bool(ws.settings().get("run", {}).get("unsandboxed", False))
+        try:
+            sealed.score(ws, sandboxed=not unsandboxed, log=lambda m: print(m, file=sys.stderr, flush=True))
+        except WorkspaceBusy:
+            print(f"autoresearch report: {ws.holder() or 'a lab'} holds the workspace; the sealed test is scored when "
+                  "the lab is idle, and this report shows what is cached", file=sys.stderr)
+        except SandboxUnavailable as e:
+            raise SandboxUnavailable(f"{e}\nThe sealed test runs each commit's train.py, so it is scored in the "
+                                     "sandbox too: set [run] unsandboxed = true in autoresearch.toml to score it "
+                                     "without one, or pass --test-eval never for a report without it.") from None
+        except WorkspaceError as e:  # a changed harness: its scores would not be comparable with the trials'
+            raise WorkspaceError(f"{e}\nThe sealed test was not scored; pass --test-eval never for a report "
+                                 "without it.") from None
+    return report(args.workspace, args.out)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .report import export
+
+    return export(args.workspace, args.out)
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     from .report import dashboard
 
     return dashboard(args.workspace, port=args.port, host=args.host, open_browser=args.open)
+
+
+UNSANDBOXED_HELP = ("run train.py without the sandbox (where none can be had: macOS, a container without the "
+                    "privileges). It can then read the answers, the network and your files; every trial is "
+                    "marked unsandboxed in the record. Also [run] unsandboxed = true in autoresearch.toml")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="cpu", choices=sorted(PROFILES), help="compute profile (default: cpu)")
     p.add_argument("--source", help="corpus, as for `prepare` (default: the profile's)")
     p.add_argument("--num-shards", type=int, help="climbmix training shards (default: 10)")
-    p.add_argument("--budget", type=float, help="training seconds per trial (default: the profile's)")
+    p.add_argument("--budget", type=float, help="training seconds per trial (default: $AUTORESEARCH_TIME_BUDGET, "
+                   "else the profile's)")
     p.add_argument("--trainer", help="start from this train.py instead of the template's")
     p.add_argument("--rule", default="noise", choices=("noise", "strict"),
                    help="keep rule: `noise` keeps gains well above the noise floor; `strict` keeps any gain, "
@@ -216,14 +334,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("baseline", help="run the unedited train.py under several seeds (the noise floor)")
     p.add_argument("workspace", nargs="?", help="workspace folder (default: the one around here)")
+    p.add_argument("--unsandboxed", action="store_true", help=UNSANDBOXED_HELP)
     p.set_defaults(func=_cmd_baseline)
 
     p = sub.add_parser("trial", help="try the edit now in train.py: commit, train, measure, decide, record",
-                       description="What a coding agent runs after editing train.py. The lab audits the edit, "
-                       "commits it, trains it, scores it, keeps it or reverts it, and records it.")
+                       description="What a coding agent runs after editing train.py. The lab commits train.py, "
+                       "trains it in a sandbox, scores it, keeps it or reverts it, and records it. Exits 1 when "
+                       "the trial crashed (its reason and log are printed), 0 otherwise.")
     p.add_argument("-m", "--message", required=True, help="one line saying what the edit changes")
     p.add_argument("--proposer", default="agent", help="who made the edit, for the record (default: agent)")
     p.add_argument("workspace", nargs="?", help="workspace folder (default: the one around here)")
+    p.add_argument("--unsandboxed", action="store_true", help=UNSANDBOXED_HELP)
     p.set_defaults(func=_cmd_trial)
 
     p = sub.add_parser("run", help="the loop: baseline, then propose, train, decide, record, until stopped",
@@ -233,11 +354,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proposer", help="who proposes the edits: search, agent, llm or scripted "
                    "(default: [run] proposer in the workspace's autoresearch.toml, else search)")
     p.add_argument("--script", help="for --proposer scripted: a JSON list of edits")
+    p.add_argument("--agent", help="propose with this coding agent: claude, codex or aider (sets --proposer agent; "
+                   "default: [agent] preset)")
+    p.add_argument("--model", help="the model of the agent or the llm proposer (default: [agent] or [llm] model)")
+    p.add_argument("--api", choices=("openai", "anthropic"), help="for --proposer llm: the API (default: [llm] api)")
     p.add_argument("--max-cost", type=float, help="for --proposer llm: stop once the API spend reaches this "
                    "many dollars (default: [llm] max_cost)")
-    p.add_argument("--max-trials", type=int, help="stop after this many proposals")
+    p.add_argument("--max-trials", type=int, help="stop after this many proposals (default: $AUTORESEARCH_MAX_TRIALS, "
+                   "else [run] max_trials, else never)")
     p.add_argument("--max-hours", type=float, help="stop after this many hours")
+    p.add_argument("--confirm-runs", type=int, help="after --max-trials or --max-hours: run the best and the baseline "
+                   "this many times more under fresh seeds, and the best without each kept change once "
+                   "(`autoresearch confirm`; default: [run] confirm_runs, else 3; 0: no confirmation)")
+    p.add_argument("--unsandboxed", action="store_true", help=UNSANDBOXED_HELP)
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("confirm", help="re-measure the best against the baseline with fresh seeds, and each kept change "
+                       "undone alone", description="Run the baseline and the best again, in turn, under seeds "
+                       "neither has run, and give the best's gain with its 95% interval from those runs alone; then "
+                       "measure the best without each of its kept changes (ablation). `run` does this by itself when "
+                       "it stops after --max-trials or --max-hours. Everything is recorded; `report` shows it.")
+    p.add_argument("workspace", nargs="?", help="workspace folder (default: the one around here)")
+    p.add_argument("--runs", type=int, default=3, help="runs of each, at least 3 (default: 3)")
+    p.add_argument("--no-ablation", action="store_true", help="skip the leave-one-out ablation of the kept changes")
+    p.add_argument("--unsandboxed", action="store_true", help=UNSANDBOXED_HELP)
+    p.set_defaults(func=_cmd_confirm)
 
     p = sub.add_parser("status", help="the trial in flight, the best result, the noise floor and the latest trials")
     p.add_argument("workspace", nargs="?", help="workspace folder (default: the one around here)")
@@ -251,10 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "WORKSPACE/.autoresearch/report/ or --out) and print the summary.")
     p.add_argument("workspace", nargs="?", help="workspace folder (default: the one around here)")
     p.add_argument("--out", help="folder for the files (default: WORKSPACE/.autoresearch/report)")
-    p.add_argument("--test-eval", choices=("auto", "always", "never"), default="auto",
-                   help="score the baseline's and best's checkpoints on the sealed test split: auto (not while a "
-                   "trial runs), always, never (cached results only)")
+    p.add_argument("--test-eval", choices=("auto", "never"), default="auto",
+                   help="the sealed test split: auto (default) has the lab score the baseline's and the best's kept "
+                   "checkpoints on it where not scored yet, sandboxed as a trial, unless a lab is running; never "
+                   "reports what is cached")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("export", help="the best train.py, headed by the kept changes and their measured effect",
+                       description="Write the best train.py (the head of the workspace's branch, as the lab decided it) "
+                       "to FILE, or print it, headed by comments: the baseline's and the best's val_bpb, the kept "
+                       "changes ranked by effect with their intervals, and the confirmation if one was run.")
+    p.add_argument("workspace", nargs="?", help="workspace folder (default: the one around here)")
+    p.add_argument("-o", "--out", help="the file to write (default: print to standard output)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("dashboard", help="a live page on 127.0.0.1 that follows the run")
     p.add_argument("workspace", nargs="?", help="workspace folder (default: the one around here)")

@@ -1,6 +1,7 @@
-"""The frozen harness: profiles, corpus sources, tokenizer, packing loader and the bpb metric.
+"""The frozen harness: profiles, corpus sources, tokenizer, packing loader, the data feed and the scorer.
 
-train.py uses `start_run()`; everything else here is for `prepare`, the lab and the tests.
+train.py uses `start_run()` (and `TrainingDiverged`, `peak_flops`, `device_name`); everything else here
+is for `prepare`, the lab and the tests.
 Names are imported on first use, so `autoresearch --help` does not pay for importing torch.
 """
 from autoresearch._lazy import lazy_exports
@@ -9,8 +10,9 @@ _EXPORTS = {
     "HarnessError": "errors",
     "PROFILES": "profiles", "Profile": "profiles", "get_profile": "profiles",
     "PreparedData": "dataset", "prepare": "dataset", "prepared_dir": "dataset",
-    "evaluate_bpb": "metric",
     "Run": "session", "start_run": "session",
+    "TrainingDiverged": "run",
+    "peak_flops": "hardware", "device_name": "hardware",
     "resolve_source": "sources",
     "render_trainer": "template",
 }

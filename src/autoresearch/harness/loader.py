@@ -1,4 +1,4 @@
-"""BOS-aligned best-fit packing of documents into rows, for training and for evaluation.
+"""BOS-aligned best-fit packing of documents into rows, for training (harness.feed) and for evaluation.
 
 Every row holds seq_len + 1 tokens and starts with BOS; inputs and targets are the row shifted by
 one. A row is filled with the largest buffered document that fits; when none fits, the shortest is
@@ -13,7 +13,6 @@ import itertools
 from typing import Iterable, Iterator
 
 import numpy as np
-import torch
 
 BUFFER_DOCS = 1000  # documents to choose from when filling a row: more packs tighter, costs more time
 EPOCH_END = object()  # marks the end of an epoch in a stream of documents (see pack_rows)
@@ -79,53 +78,8 @@ def pack_rows(tokens: np.ndarray, documents: Iterable[tuple[int, int]], row_len:
         yield row
 
 
-def eval_rows(tokens: np.ndarray, doc_starts: np.ndarray, seq_len: int, bos_id: int, max_rows: int) -> torch.Tensor:
-    """The fixed validation rows: documents in file order, packed once, at most `max_rows`.
-    They depend only on the data and seq_len, never on anyone's batch size."""
+def eval_rows(tokens: np.ndarray, doc_starts: np.ndarray, seq_len: int, bos_id: int, max_rows: int) -> np.ndarray:
+    """The fixed validation rows (int64, (rows, seq_len + 1)): documents in file order, packed once, at
+    most `max_rows`. They depend only on the data and seq_len, never on anyone's batch size."""
     rows = pack_rows(tokens, _epoch_documents(doc_starts, len(tokens), None, 0), seq_len + 1, bos_id, pad_last=True)
-    return torch.from_numpy(np.stack(list(itertools.islice(rows, max_rows))))
-
-
-class TrainLoader:
-    """Infinite (inputs, targets, epoch) batches of shape (batch_size, seq_len), on `device`.
-
-    On CUDA the batch goes through pinned memory with a non-blocking copy, so the host packs the
-    next batch while the GPU works on this one.
-    """
-
-    def __init__(self, tokens: np.ndarray, doc_starts: np.ndarray, seq_len: int, batch_size: int,
-                 bos_id: int, seed: int, device: torch.device | str = "cpu"):
-        self.tokens, self.doc_starts = tokens, doc_starts
-        self.seq_len, self.batch_size, self.bos_id, self.seed = seq_len, batch_size, bos_id, seed
-        self.device = torch.device(device)
-        self.epoch = 0
-        self._rows = pack_rows(tokens, self._documents(), seq_len + 1, bos_id)
-        if self.device.type == "cuda":
-            # Two pinned host buffers used in turn; an event says when the GPU has read one.
-            self._host = [torch.empty((2, batch_size, seq_len), dtype=torch.int64, pin_memory=True) for _ in range(2)]
-            self._copied = [torch.cuda.Event() for _ in range(2)]
-            self._turn = 0
-
-    def _documents(self):
-        # The epoch turns when the first document of the next pass is drawn, which pack_rows does
-        # only once every piece of this pass has been placed.
-        for self.epoch in itertools.count():
-            yield from _epoch_documents(self.doc_starts, len(self.tokens), self.seed, self.epoch)
-            yield EPOCH_END
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        batch = np.stack([next(self._rows) for _ in range(self.batch_size)])
-        if self.device.type != "cuda":
-            inputs, targets = (torch.from_numpy(np.ascontiguousarray(a)) for a in (batch[:, :-1], batch[:, 1:]))
-            return inputs.to(self.device), targets.to(self.device), self.epoch
-        host, copied = self._host[self._turn], self._copied[self._turn]
-        self._turn ^= 1
-        copied.synchronize()  # the GPU has read this buffer's previous batch
-        host[0].numpy()[:] = batch[:, :-1]
-        host[1].numpy()[:] = batch[:, 1:]
-        on_device = host.to(self.device, non_blocking=True)
-        copied.record()
-        return on_device[0], on_device[1], self.epoch
+    return np.stack(list(itertools.islice(rows, max_rows)))

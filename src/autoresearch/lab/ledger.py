@@ -15,22 +15,25 @@ from pathlib import Path
 from autoresearch.errors import UserError
 from autoresearch.harness.storage import atomic_path
 
-SCHEMA_VERSION = 1
+from .outcomes import FINISHED, Failure, Kind, Status, legacy_failure
+
+SCHEMA_VERSION = 2
 RESULTS_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS trials (
     id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,              -- baseline, candidate, rerun (another seed of a candidate), drift
+    kind TEXT NOT NULL,              -- outcomes.Kind
     commit_sha TEXT,
     parent_sha TEXT,
     proposer TEXT NOT NULL,
     description TEXT NOT NULL,
     diff TEXT NOT NULL DEFAULT '',
     seed INTEGER,
-    status TEXT NOT NULL,            -- running, keep, discard, crash
-    reason TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL,            -- outcomes.Status
+    failure TEXT,                    -- outcomes.Failure, for a crash
+    reason TEXT NOT NULL DEFAULT '',  -- for people: what happened, in words
     decision TEXT NOT NULL DEFAULT '{}',   -- JSON: rule, sigma, threshold, delta, why
     val_bpb REAL,                    -- the harness's measurement: the number that decides
     trainer_summary TEXT NOT NULL DEFAULT '{}',  -- JSON: what train.py printed, for information
@@ -41,6 +44,9 @@ CREATE TABLE IF NOT EXISTS trials (
     mfu_percent REAL,
     peak_vram_mb REAL,
     hardware TEXT NOT NULL DEFAULT '{}',
+    device_class TEXT,               -- the class of device it ran on: runs compare only within one
+    tokens_per_second REAL,          -- training tokens served per second of the lab's clock
+    sandboxed INTEGER,               -- 1: in the sandbox; 0: the user chose to run unsandboxed
     proposer_usage TEXT NOT NULL DEFAULT '{}',  -- JSON: what proposing cost (LLM tokens, dollars, seconds)
     log_path TEXT NOT NULL DEFAULT '',
     started_at REAL NOT NULL,
@@ -66,6 +72,9 @@ def check_schema_version(version, path: Path) -> None:
         )
 
 
+# Columns added since schema 1, with their SQL types, for upgrading an older ledger in place.
+ADDED_COLUMNS = {"failure": "TEXT", "device_class": "TEXT", "tokens_per_second": "REAL", "sandboxed": "INTEGER"}
+
 # What a row of an older ledger without the column reads as; other missing columns read as None.
 ROW_DEFAULTS = {"description": "", "diff": "", "reason": "", "proposer": "", "log_path": "", "kind": "candidate",
                 "status": "running", "started_at": 0.0}
@@ -82,6 +91,7 @@ class Trial:
     diff: str
     seed: int | None
     status: str
+    failure: str | None
     reason: str
     decision: dict
     val_bpb: float | None
@@ -93,6 +103,9 @@ class Trial:
     mfu_percent: float | None
     peak_vram_mb: float | None
     hardware: dict
+    device_class: str | None
+    tokens_per_second: float | None
+    sandboxed: bool | None
     proposer_usage: dict
     log_path: str
     started_at: float
@@ -118,6 +131,13 @@ class Trial:
         for name in cls.__dataclass_fields__:
             if not name.startswith("_"):
                 values.setdefault(name, ROW_DEFAULTS.get(name))
+        for name, named in (("kind", Kind), ("status", Status), ("failure", Failure)):
+            if values[name] in named._value2member_map_:  # a newer ledger's unknown value stays text
+                values[name] = named(values[name])
+        if values["failure"] is None and values["status"] == Status.CRASH:  # an older ledger, read only
+            values["failure"] = legacy_failure(values["reason"])
+        if values["sandboxed"] is not None:
+            values["sandboxed"] = bool(values["sandboxed"])
         return cls(**values)
 
     @property
@@ -140,6 +160,27 @@ class Ledger:
             self.set_meta("schema_version", SCHEMA_VERSION)
         else:
             check_schema_version(version, self.path)
+            if int(version) < SCHEMA_VERSION:
+                self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Bring a ledger of an older schema up to this one, in one transaction: add the new columns and
+        name the failure of every old crash from the words its reason starts with."""
+        present = {row[1] for row in self.db.execute("PRAGMA table_info(trials)")}
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for name, sql_type in ADDED_COLUMNS.items():
+                if name not in present:
+                    self.db.execute(f"ALTER TABLE trials ADD COLUMN {name} {sql_type}")
+            for trial_id, reason in self.db.execute(
+                    "SELECT id, reason FROM trials WHERE status = 'crash' AND failure IS NULL").fetchall():
+                self.db.execute("UPDATE trials SET failure = ? WHERE id = ?", (legacy_failure(reason), trial_id))
+            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                            (json.dumps(SCHEMA_VERSION),))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self.db.close()
@@ -168,7 +209,7 @@ class Ledger:
         for key in Trial._json_fields:
             if key in fields:
                 fields[key] = json.dumps(fields[key], sort_keys=True)
-        if fields.get("status") in ("keep", "discard", "crash") and "ended_at" not in fields:
+        if fields.get("status") in FINISHED and "ended_at" not in fields:
             fields["ended_at"] = time.time()
         unknown = set(fields) - set(Trial.__dataclass_fields__)
         if unknown:
@@ -176,7 +217,7 @@ class Ledger:
         assignments = ", ".join(f"{k} = ?" for k in fields)
         self.db.execute(f"UPDATE trials SET {assignments} WHERE id = ?", (*fields.values(), trial_id))
         row = self.db.execute("SELECT status FROM trials WHERE id = ?", (trial_id,)).fetchone()
-        if "status" in fields or (row is not None and row["status"] != "running"):  # else its line is absent still
+        if "status" in fields or (row is not None and row["status"] != Status.RUNNING):  # else its line is absent
             self._write_tsv()
 
     def trial(self, trial_id: int) -> Trial:
@@ -209,15 +250,17 @@ class Ledger:
 
     # --- results.tsv ----------------------------------------------------------------------------
     def results_rows(self) -> list[str]:
-        """One line per finished trial, in the reference's format: crash rows carry 0.000000 and 0.0."""
+        """One line per finished trial, in the reference's format, whose statuses are keep, discard and
+        crash only: crash rows carry 0.000000 and 0.0, an empty proposal reads as a discard, and a trial
+        that will be run again (stopped, lost) has no line yet."""
         lines = [RESULTS_HEADER]
         for t in self.trials():
-            if t.status == "running":
+            if t.status in (Status.RUNNING, Status.STOPPED, Status.LOST):
                 continue
-            crashed = t.status == "crash" or t.val_bpb is None
-            bpb = 0.0 if crashed else t.val_bpb
+            crashed = t.status == Status.CRASH or (t.status != Status.EMPTY and t.val_bpb is None)
+            bpb = 0.0 if crashed or t.val_bpb is None else t.val_bpb
             mem = 0.0 if crashed else (t.peak_vram_mb or 0.0) / 1024
-            status = "crash" if crashed else t.status
+            status = Status.CRASH if crashed else Status.DISCARD if t.status == Status.EMPTY else t.status
             description = " ".join(t.description.split())  # no tabs or newlines inside a field
             lines.append(f"{t.short_sha}\t{bpb:.6f}\t{mem:.1f}\t{status}\t{description}")
         return lines

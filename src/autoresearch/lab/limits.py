@@ -1,13 +1,20 @@
-"""The wall-clock limits the lab puts on one trial: plain arithmetic, so that readers of a workspace
-(the report, the dashboard) can know them without importing the lab's heavier modules."""
+"""The wall-clock limits the lab puts on one trial: plain arithmetic on a workspace's config, so that
+readers of a workspace (the report, the dashboard) can know them without importing the lab's
+heavier modules."""
+
+STARTUP_LIMIT = {"cpu": 120.0}  # seconds to training_started(), by profile; others: DEFAULT_STARTUP_LIMIT
+DEFAULT_STARTUP_LIMIT = 300.0  # imports, model build, a cold compile (a minute or more) and warm-up
+SCORING_LIMIT = 600.0  # seconds to rebuild and score the model, from the hand-in
+MARGIN = 60.0  # the supervisor's own start-up and bookkeeping
 
 
-def trainer_limit(time_budget: float, grace_seconds: float | None = None) -> float:
-    """Seconds after which the trainer's whole process group is killed."""
-    # Start-up, compilation (a minute or more, cold) and evaluation: 10 minutes at 300 s, as the reference.
-    return time_budget + (max(time_budget, 300.0) if grace_seconds is None else float(grace_seconds))
+def startup_limit(config: dict) -> float:
+    value = config.get("startup_limit")
+    return float(value) if value is not None else STARTUP_LIMIT.get(config.get("profile", ""), DEFAULT_STARTUP_LIMIT)
 
 
-def evaluation_limit(trainer_seconds: float) -> float:
-    """Seconds allowed to the separate process that scores the checkpoint."""
-    return max(600.0, trainer_seconds)
+def trial_limit(config: dict, time_budget: float) -> float:
+    """Seconds after which a trial is over whatever happened: every phase's limit, one after another."""
+    tolerance = float(config.get("training_tolerance", 0.05))
+    return (startup_limit(config) + time_budget * (1 + tolerance) + 0.5 + float(config.get("scoring_limit", SCORING_LIMIT))
+            + MARGIN)

@@ -10,8 +10,8 @@ PROC = Path("/proc")
 
 
 def kill_tagged(variable: str, token: str, pgid: int | None = None) -> int:
-    """SIGKILL the process group `pgid` and every process whose environment holds
-    `variable=token`. Returns how many were found alive."""
+    """SIGKILL the process group `pgid` and every process whose environment holds `variable=token` or
+    `variable=token/...` (a part of what `token` names). Returns how many were found alive."""
     found = 0
     if pgid is not None:
         try:
@@ -25,7 +25,7 @@ def kill_tagged(variable: str, token: str, pgid: int | None = None) -> int:
             if not entry.name.isdigit() or int(entry.name) == os.getpid():
                 continue
             try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                if any(v == needle or v.startswith(needle + b"/") for v in (entry / "environ").read_bytes().split(b"\0")):
                     os.kill(int(entry.name), signal.SIGKILL)
                     found += 1
             except (OSError, ValueError):

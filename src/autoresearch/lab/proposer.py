@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
-
 from .ledger import Trial
+from .outcomes import Failure, Status
 
 
 @dataclass
@@ -21,30 +20,40 @@ class ProposalContext:
     time_budget: float
     best_commit: str
     best_val_bpb: float  # mean over the best commit's runs
-    sigma: float | None  # the noise floor: spread of val_bpb across seeds of the baseline
+    sigma: float | None  # the noise: spread of val_bpb across seeds of the same code (lab.noise)
     history: list[Trial] = field(default_factory=list)  # every trial so far, oldest first
 
 
-class Proposer(Protocol):
-    """`last_usage`, if a proposer has it, is a dict of what its last proposal cost (e.g. LLM
-    tokens, dollars, seconds); the lab records it with the trial. `failure_backoff` (seconds) and
-    `backoff_after`, if it has them, make the lab wait before asking it again after proposals that
-    failed in a row (backoff_seconds); the lab waits, so that a stop ends the wait at once."""
+class Proposer:
+    """Who writes the next change: the interface every proposer implements, with its defaults.
 
-    name: str
+    A subclass sets `name` and implements `propose`; `tell` is optional. The lab reads the attributes
+    below after each proposal and relies on nothing else: `last_usage` is what the last proposal cost
+    (LLM tokens, dollars, seconds; None: nothing to record), recorded with the trial;
+    `failure_backoff` (seconds, 0: never) and `backoff_after` make the lab wait before asking again
+    after proposals that failed in a row (backoff_seconds), and the lab waits, so that a stop ends
+    the wait at once; `stop_reason` says why `propose` returned None.
+    """
+
+    name: str = "proposer"
+    last_usage: dict | None = None
+    failure_backoff: float = 0.0
+    backoff_after: int = 3
+    stop_reason: str = ""
 
     def propose(self, ctx: ProposalContext) -> str | None:
         """Edit files in ctx.workspace and return a one-line description; None when out of ideas."""
+        raise NotImplementedError
 
     def tell(self, trial: Trial) -> None:
-        """Hear how a proposal ended (keep, discard or crash, with val_bpb and reason)."""
+        """Hear how a proposal ended (its status, val_bpb and reason)."""
 
 
 def consecutive_failures(history: list[Trial], proposer: str) -> int:
     """How many of this proposer's latest proposals in a row failed (raised)."""
     n = 0
     for t in reversed([t for t in history if t.kind == "candidate" and t.proposer == proposer]):
-        if t.status == "crash" and t.reason.startswith("proposer error"):
+        if t.status == Status.CRASH and t.failure == Failure.PROPOSER:
             n += 1
         else:
             break

@@ -1,299 +1,242 @@
-"""One trial: run train.py under the lab's clock and limits, then score its checkpoint.
+"""One trial, as the lab sees it: a commit in, a measurement (or a named failure) out.
 
-The trainer runs in its own process group with the workspace as working directory, its output in
-a log file, no secrets in its environment, and a hard wall-clock limit after which the whole group
-is killed. The lab times training itself (see harness.session), checks that nothing outside the
-trial's own folder was touched, and has the checkpoint scored by the harness in a fresh process.
-What train.py prints is kept for information; the harness's number decides.
+The lab writes the commit's train.py and a spec into the trial's folder, checks that the script
+compiles, and starts the trial's supervisor (lab.supervisor) in a process of its own, which runs
+the sandboxed trainer and scorer. It takes the supervisor's result only if the supervisor exited 0
+and wrote it during this trial; it checks the lab's own files by content before and after; and it
+appends the reference's summary block, with the lab's numbers, to the end of train.log.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+import traceback
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .limits import evaluation_limit
-from .processes import kill_tagged
-from .workspace import LAB_DIR, READER_PATHS, Workspace, WorkspaceError
+from autoresearch.harness.hardware import peak_flops
 
-SECRET_NAME = re.compile(r"(_API_KEY|_TOKEN|_SECRET|_PASSWORD)$|^(AWS_|ANTHROPIC_|OPENAI_)", re.IGNORECASE)
+from . import devices
+from . import supervisor as sup
+from .limits import SCORING_LIMIT, startup_limit, trial_limit
+from .outcomes import Failure
+from .processes import kill_tagged
+from .workspace import Workspace, WorkspaceError
+
 SUMMARY_KEYS = ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
                 "total_tokens_M", "num_steps", "num_params_M", "depth")
+SUMMARY_FORMATS = dict(val_bpb="{:.6f}", training_seconds="{:.1f}", total_seconds="{:.1f}", peak_vram_mb="{:.1f}",
+                       mfu_percent="{:.2f}", total_tokens_M="{:.1f}", num_steps="{:.0f}", num_params_M="{:.1f}",
+                       depth="{:.0f}")
 LOG_TAIL_LINES = 40
-TRIAL_ENV = "AUTORESEARCH_TRIAL"
+STOP_SECONDS = 15.0  # how long a stopped supervisor gets to tear its sandboxes down before it is killed
+
+
+@dataclass
+class Slot:
+    """Where a trial runs: a device type, which GPUs (None: all there are), how many CPU threads."""
+
+    device: str = "cpu"
+    gpus: list[int] | None = None
+    threads: int | None = None
+
+    @property
+    def device_class(self) -> str:
+        found = devices.gpus()
+        names = [g.name for g in found if self.gpus is None or g.index in self.gpus]
+        return devices.device_class(self.device, names if self.device == "cuda" else None, self.threads)
 
 
 @dataclass
 class TrialOutcome:
-    """What one run of a commit produced; `reason` is empty when it produced a valid val_bpb."""
+    """What one run of a commit produced; `failure` is None when it produced a valid val_bpb."""
 
     val_bpb: float | None = None
+    failure: Failure | None = None
     reason: str = ""
-    summary: dict = field(default_factory=dict)
+    stopped: bool = False
+    summary: dict = field(default_factory=dict)  # the nine keys, the lab's numbers where it has them
+    stats: dict = field(default_factory=dict)  # what train.py reported, for information
     training_seconds: float | None = None  # the lab's clock
     total_seconds: float = 0.0
+    tokens_per_second: float | None = None
+    device_class: str | None = None
     hardware: dict = field(default_factory=dict)
+    sandboxed: bool = True
     log_tail: str = ""
+    result: dict = field(default_factory=dict)  # the supervisor's whole result
 
     @property
     def crashed(self) -> bool:
-        return self.val_bpb is None
+        return self.val_bpb is None and not self.stopped
 
 
-def without_secrets(environ) -> dict:
-    """`environ` less the variables that look like credentials (API keys, tokens, cloud accounts)."""
-    return {k: v for k, v in environ.items() if not SECRET_NAME.search(k)}
-
-
-def trainer_env(ws: Workspace, out_dir: Path, seed: int | None, token: str) -> dict:
-    env = without_secrets(os.environ)
-    env.update({
-        "AUTORESEARCH_PROFILE": ws.config["profile"],
-        "AUTORESEARCH_DATA": ws.config["data"],
-        "AUTORESEARCH_OUTPUT": str(out_dir),
-        "AUTORESEARCH_TIME_BUDGET": repr(ws.time_budget),
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        TRIAL_ENV: token,
-    })
-    env.pop("AUTORESEARCH_SEED", None)
-    if seed is not None:
-        env["AUTORESEARCH_SEED"] = str(seed)
-    return env
-
-
-def parse_summary(log: str) -> dict:
-    """The `key: value` lines after the last `---` line of train.py's output."""
-    lines = log.splitlines()
-    last_rule = max((i for i, line in enumerate(lines) if line.strip() == "---"), default=None)
-    summary = {}
-    for line in lines[last_rule + 1 :] if last_rule is not None else []:
-        key, colon, value = line.partition(":")
-        if colon and key.strip() in SUMMARY_KEYS:
-            try:
-                summary[key.strip()] = float(value)
-            except ValueError:
-                pass
-    return summary
-
-
-def kill_trial_processes(token: str, pgid: int | None = None) -> int:
-    """Kill the trainer's process group and whatever left it carrying the trial's token. Returns how
-    many were found alive."""
-    return kill_tagged(TRIAL_ENV, token, pgid)
-
-
-def _lab_snapshot(ws: Workspace, own: Path) -> dict:
-    """Size and mtime of the lab's files, but the trial's own folder and the ledger (whose content
-    is compared separately: SQLite readers may touch its files legitimately)."""
-    readers = [ws.lab_dir / name for name in READER_PATHS]
-    snap = {}
-    for path in ws.lab_dir.rglob("*"):
-        if (path.is_file() and own not in path.parents and not path.name.startswith("ledger.db")
-                and not any(r in path.parents for r in readers)):
-            st = path.stat()
-            snap[str(path.relative_to(ws.root))] = (st.st_size, st.st_mtime_ns)
-    return snap
-
-
-class EventClock(threading.Thread):
-    """Reads the harness's events from the trainer and stamps them with the lab's own clock."""
-
-    def __init__(self, fd: int):
-        super().__init__(daemon=True)
-        self.fd = fd
-        self.times: dict[str, float] = {}
-
-    def run(self) -> None:
-        buffer = b""
-        with os.fdopen(self.fd, "rb", buffering=0) as pipe:
-            while chunk := pipe.read(4096):
-                now = time.monotonic()
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    self.times.setdefault(line.decode(errors="replace").strip(), now)
-
-
-def run_trainer(ws: Workspace, out_dir: Path, seed: int | None, token: str, log_path: Path,
-                stop: threading.Event | None = None) -> tuple[int | None, str, EventClock, float]:
-    """Run train.py; returns (exit code or None if killed, why it was killed, clock, seconds)."""
-    read_fd, write_fd = os.pipe()
-    env = trainer_env(ws, out_dir, seed, token)
-    env["AUTORESEARCH_EVENTS_FD"] = str(write_fd)
-    clock = EventClock(read_fd)
-    started = time.monotonic()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "train.py"], cwd=ws.root, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=(write_fd,),
-                                start_new_session=True, preexec_fn=_die_with_parent)
-        os.close(write_fd)
-        clock.start()
-        killed = ""
-        try:
-            while proc.poll() is None:
-                if time.monotonic() - started > ws.time_limit:
-                    killed = f"timeout: still running after the {ws.time_limit:.0f}s limit (budget {ws.time_budget:g}s + grace)"
-                elif stop is not None and stop.is_set():
-                    killed = "interrupted"
-                if killed:
-                    kill_trial_processes(token, proc.pid)
-                    proc.wait()
-                    break
-                time.sleep(0.05)
-        except BaseException:
-            kill_trial_processes(token, proc.pid)
-            proc.wait()
-            raise
-    seconds = time.monotonic() - started
-    clock.join(timeout=5)
-    return (None if killed else proc.returncode), killed, clock, seconds
-
-
-def _die_with_parent() -> None:
-    """In the trainer's process, before exec: be killed if the lab dies (Linux), even by kill -9."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _read_log(path: Path) -> str:
+def syntax_error(source: str) -> str | None:
+    """The Python syntax error in `source`, as Python shows it (file, line, caret), or None."""
     try:
-        return path.read_text(errors="replace")
+        compile(source, "train.py", "exec")
+    except SyntaxError as e:
+        return "".join(traceback.format_exception_only(type(e), e)).rstrip()
+    return None
+
+
+def summary_block(summary: dict) -> str:
+    lines = ["---"]
+    for key in SUMMARY_KEYS:
+        value = summary.get(key)
+        shown = SUMMARY_FORMATS[key].format(value) if isinstance(value, (int, float)) else "n/a"
+        lines.append(f"{key + ':':<18}{shown}")
+    return "\n".join(lines) + "\n"
+
+
+def summarize(result: dict) -> dict:
+    """The reference's nine summary keys, from what the lab measured and, for the rest, what the
+    trainer reported."""
+    stats = result.get("stats") or {}
+    training = result.get("training_seconds")
+    tokens = result.get("tokens_served")
+    score = result.get("score") or {}
+    flops = stats.get("flops_per_token")
+    peak = peak_flops(stats.get("device_name")) * int(result.get("world_size", 1))
+    mfu = None
+    if isinstance(flops, (int, float)) and peak and training and tokens:
+        mfu = 100 * flops * tokens / training / peak
+    params = score.get("params")
+    number = lambda v: v if isinstance(v, (int, float)) and not isinstance(v, bool) else None  # noqa: E731
+    return {"val_bpb": result.get("val_bpb"), "training_seconds": training, "total_seconds": result.get("total_seconds"),
+            "peak_vram_mb": number(stats.get("peak_memory_mb")), "mfu_percent": mfu,
+            "total_tokens_M": tokens / 1e6 if tokens is not None else None, "num_steps": number(stats.get("num_steps")),
+            "num_params_M": params / 1e6 if isinstance(params, int) else None, "depth": number(stats.get("depth"))}
+
+
+def _read_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
 
 
-def _crash_reason(code: int, tail: str) -> str:
-    lowered = tail.lower()
-    if "out of memory" in lowered or "outofmemoryerror" in lowered:
-        kind = "OOM"
-    elif "nan" in lowered and ("loss" in lowered or "diverg" in lowered):
-        kind = "NaN"
-    elif "syntaxerror" in lowered:
-        kind = "syntax error"
-    elif "importerror" in lowered or "modulenotfounderror" in lowered:
-        kind = "import error"
-    else:
-        kind = "exit"
-    last = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "")
-    return f"{kind}: train.py exited with code {code}" + (f": {last[:300]}" if last else "")
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def check_training_time(ws: Workspace, clock: EventClock, ended: float) -> tuple[float | None, str]:
-    """(training seconds on the lab's clock, a reason to reject or '')."""
-    first = clock.times.get("first_batch")
-    if first is None:
-        return None, "no data: train.py never drew a batch from the harness loader (run.train_loader)"
-    start = clock.times.get("training_started", first)
-    end = clock.times.get("checkpoint", ended)
-    warmup = start - first
-    if warmup > ws.config["warmup_cap_seconds"]:
-        return None, (f"over budget: warm-up took {warmup:.1f}s between the first batch and run.training_started(), over "
-                      f"the {ws.config['warmup_cap_seconds']:g}s cap: training before the clock starts is not allowed")
-    training = end - start
-    allowed = ws.time_budget * (1 + ws.config["training_tolerance"]) + 0.5
-    if training > allowed:
-        return training, (f"over budget: trained {training:.1f}s by the lab's clock, over the {ws.time_budget:g}s budget "
-                          f"(+{ws.config['training_tolerance']:.0%} tolerance); the budget is wall-clock time "
-                          "from run.training_started() to run.save_checkpoint()")
-    return training, ""
+def trial_token(ws: Workspace, trial_id: int) -> str:
+    return f"{ws.config['id']}:{trial_id}"
 
 
-def score_checkpoint(trainer: Path, checkpoint: Path, result_path: Path, split: str, *, cwd: Path, env: dict,
-                     timeout: float, tail_lines: int) -> dict:
-    """The harness's score of `checkpoint`, from a fresh `python -m autoresearch.harness.evaluate`
-    process, or {"error": ...} with the end of its output. Raises subprocess.TimeoutExpired."""
-    cmd = [sys.executable, "-m", "autoresearch.harness.evaluate", str(trainer), str(checkpoint), str(result_path),
-           "--split", split]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                          start_new_session=True, stdin=subprocess.DEVNULL)
-    try:
-        return json.loads(result_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-tail_lines:]
-        return {"error": f"the evaluation process failed (exit {proc.returncode}): {' | '.join(tail)}"}
+def kill_trial_processes(ws: Workspace, trial_id: int) -> int:
+    """Kill what is left of a trial that a dead lab left behind (an unsandboxed one's processes carry
+    its token; a sandboxed one's die with its supervisor)."""
+    return kill_tagged(sup.TRIAL_ENV, trial_token(ws, trial_id))
 
 
-def evaluate(ws: Workspace, out_dir: Path, token: str, split: str = "val") -> dict:
-    """Score the checkpoint in a fresh harness process."""
-    limit = evaluation_limit(ws.time_limit)
-    try:
-        return score_checkpoint(ws.root / "train.py", out_dir / "checkpoint.pt", out_dir / f"eval-{split}.json", split,
-                                cwd=ws.root, env=trainer_env(ws, out_dir, None, token), timeout=limit, tail_lines=5)
-    except subprocess.TimeoutExpired:
-        return {"error": f"the evaluation did not finish in {limit:.0f}s (does build_model or the forward pass hang?)"}
-    finally:
-        kill_trial_processes(token)
-
-
-def run_trial(ws: Workspace, trial_id: int, seed: int | None, ledger_content, stop: threading.Event | None = None) -> TrialOutcome:
-    """Run the commit checked out in `ws` once and measure it. `ledger_content()` returns something
-    that changes whenever the ledger's rows change, to catch a trainer that writes into it."""
-    out_dir = ws.trial_dir(trial_id)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / "train.log"
-    token = f"{ws.config['id']}:{trial_id}"
-    head = ws.head()
-    before_lab, before_ledger = _lab_snapshot(ws, out_dir), ledger_content()
-
-    code, killed, clock, seconds = run_trainer(ws, out_dir, seed, token, log_path, stop)
-    ended = time.monotonic()
-    strays = kill_trial_processes(token)
-    log = _read_log(log_path)
-    tail = "\n".join(log.splitlines()[-LOG_TAIL_LINES:])
-    outcome = TrialOutcome(total_seconds=seconds, log_tail=tail, summary=parse_summary(log))
-
-    def crash(reason: str) -> TrialOutcome:
-        outcome.reason = reason
+def run_trial(ws: Workspace, trial_id: int, commit: str, seed: int | None, *, slot: Slot | None = None,
+              sandboxed: bool = True, stop: threading.Event | None = None, checkpoint: Path | None = None,
+              split: str = "val", folder: Path | None = None) -> TrialOutcome:
+    """Run `commit`'s train.py once and measure it (or, given `checkpoint`, only score that on `split`).
+    The supervisor works in `folder`, by default the trial's own; scoring a kept checkpoint again (the
+    sealed test) works elsewhere, so that the trial's record stays as it was."""
+    slot = slot or Slot()
+    trial_dir = Path(folder) if folder is not None else ws.trial_dir(trial_id)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    (trial_dir / sup.RESULT_FILE).unlink(missing_ok=True)
+    if checkpoint is None:  # a stale checkpoint of this trial's; one given to be scored is never removed
+        (trial_dir / sup.CHECKPOINT_FILE).unlink(missing_ok=True)
+    log_path = trial_dir / sup.LOG_FILE
+    outcome = TrialOutcome(sandboxed=sandboxed)
+    source = ws.show(commit, "train.py")
+    (trial_dir / "train.py").write_text(source)
+    error = syntax_error(source)
+    if error:
+        log_path.write_text(error + "\n")
+        outcome.failure, outcome.reason = Failure.SYNTAX, f"syntax error in train.py:\n{error}"
+        outcome.log_tail = error
         return outcome
-
-    # Tampering first: a trainer that changed the harness must not have its checkpoint scored by it.
+    before = ws.integrity()
+    config = ws.config
+    spec = sup.TrialSpec(
+        trainer=str(trial_dir / "train.py"), data=config["data"], profile=asdict(ws.profile), time_budget=ws.time_budget,
+        device=slot.device, seed=seed, gpus=slot.gpus, threads=slot.threads, sandboxed=sandboxed,
+        memory_bytes=config.get("memory_bytes"), startup_limit=startup_limit(config),
+        max_processes=int(config.get("max_processes") or sup.sandbox.DEFAULT_MAX_PROCESSES),
+        training_tolerance=float(config.get("training_tolerance", 0.05)),
+        scoring_limit=float(config.get("scoring_limit", SCORING_LIMIT)),
+        split=split, checkpoint=str(checkpoint) if checkpoint else None,
+        hidden=[str(ws.root), str(Path(config["data"])), str(Path.home())], token=trial_token(ws, trial_id))
+    (trial_dir / sup.SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2))
+    limit = trial_limit(config, ws.time_budget)
+    started = time.monotonic()
+    with open(trial_dir / "supervisor.log", "wb") as errors:
+        proc = subprocess.Popen([sys.executable, "-m", "autoresearch.lab.supervisor", str(trial_dir)],
+                                stdout=errors, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+        try:
+            asked_to_stop = None
+            while proc.poll() is None:
+                now = time.monotonic()
+                if stop is not None and stop.is_set() and asked_to_stop is None:
+                    proc.send_signal(signal.SIGTERM)
+                    asked_to_stop = now
+                if (asked_to_stop is not None and now - asked_to_stop > STOP_SECONDS) or now - started > limit:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    break
+                time.sleep(0.05)
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+    outcome.total_seconds = time.monotonic() - started
+    result = {}
+    if proc.returncode == 0:
+        try:
+            result = json.loads((trial_dir / sup.RESULT_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            result = {}
+    outcome.result = result
+    outcome.log_tail = _read_tail(log_path)
+    if not result:
+        if stop is not None and stop.is_set():
+            outcome.stopped, outcome.reason = True, "stopped: the lab was told to stop during this trial"
+        else:
+            tail = _read_tail(trial_dir / "supervisor.log", 5).replace("\n", " | ")
+            outcome.failure = Failure.STARTUP_TIMEOUT if time.monotonic() - started > limit else Failure.SANDBOX
+            outcome.reason = (f"the trial's supervisor ended without a result (exit {proc.returncode}, after "
+                              f"{outcome.total_seconds:.0f} s of a {limit:.0f} s limit): {tail}")
+        return outcome
+    outcome.sandboxed = bool(result.get("sandboxed", sandboxed))
+    outcome.stats = result.get("stats") or {}
+    outcome.training_seconds = result.get("training_seconds")
+    outcome.tokens_per_second = result.get("tokens_per_second")
+    outcome.device_class = slot.device_class
+    outcome.hardware = {"device": slot.device, "class": outcome.device_class, "gpus": slot.gpus, "threads": slot.threads,
+                        "reported_by_train.py": outcome.stats.get("device_name")}
+    outcome.summary = summarize(result)
     try:
-        ws.check_fingerprint()
+        ws.check_integrity(before)
     except WorkspaceError as e:
-        return crash(f"tampering: the harness or its data changed during the run (train.py wrote to them, or "
-                     f"autoresearch was reinstalled meanwhile). {e}")
-    if ledger_content() != before_ledger:
-        return crash(f"tampering: the ledger in {LAB_DIR}/ was written during the trial")
-    after_lab = _lab_snapshot(ws, out_dir)
-    touched = sorted(k for k in set(before_lab) | set(after_lab) if before_lab.get(k) != after_lab.get(k))
-    if touched:
-        return crash(f"tampering: the trial wrote into {LAB_DIR}/ outside its own folder: {', '.join(touched[:5])}")
-    changed = ws.changed_files()
-    if ws.head() != head or changed:
-        return crash("tampering: the trial changed the git repository or its files "
-                     f"({', '.join(changed[:5]) or 'HEAD moved'})")
-    # Ignored files too: nothing a trainer leaves in the workspace (weights to resume from, say)
-    # may reach the next trial.
-    ws.clean()
-    if killed:
-        return crash(killed)
-    if code != 0:
-        return crash(_crash_reason(code, tail))
-    if strays:
-        return crash(f"stray processes: left {strays} process(es) running after it exited; they were killed")
-    outcome.training_seconds, late = check_training_time(ws, clock, ended)
-    if late:
-        return crash(late)
-
-    result = evaluate(ws, out_dir, token)
-    outcome.hardware = result.get("hardware", {})
-    if "error" in result:
-        return crash(f"evaluation: {result['error']}")
-    probe = result["causality"]
-    if not probe["causal"]:
-        return crash(f"causality violation: logits before position {probe['cut']} changed by "
-                     f"{probe['max_relative_diff']:.2e} (tolerance {probe['tolerance']:.0e}) when later tokens "
-                     "changed: the model reads tokens it is meant to predict")
-    outcome.val_bpb = result["val_bpb"]
+        outcome.failure, outcome.reason = Failure.TAMPERING, f"tampering: {e}"
+        return outcome
+    if result.get("outcome") == "stopped":
+        outcome.stopped, outcome.reason = True, result.get("reason", "stopped")
+        return outcome
+    if result.get("outcome") != "ok":
+        outcome.failure = Failure(result.get("failure", Failure.EXIT.value))
+        outcome.reason = result.get("reason") or "the trial failed"
+        return outcome
+    outcome.val_bpb = float(result["val_bpb"])
+    with open(log_path, "a") as log:
+        log.write("\n" + summary_block(outcome.summary))
+    outcome.log_tail = _read_tail(log_path)
     return outcome

@@ -1,22 +1,30 @@
 """A workspace: the git repository of one research run, and the lab's folder inside it.
 
     train.py, program.md        tracked: the research surface and the agents' protocol
-    autoresearch.toml           tracked: settings of the loop and its proposers (edited by people)
-    results.tsv                 untracked: the reference's five-column record
-    .autoresearch/              untracked: config, ledger, trial logs and checkpoints
+    autoresearch.toml           ignored: the person's settings of the loop and its proposers
+    results.tsv                 ignored: the reference's five-column record
+    .autoresearch/              ignored: config, ledger, trial logs and checkpoints
 
-The harness stays in the installed package, out of a proposer's reach; its fingerprint (code,
-profile, tokenizer, data) is recorded when the workspace is made and checked before every trial.
-The data and trainer template are imported where used: the report opens workspaces without numpy.
+The workspace may be a branch of a repository that holds other work. The lab only ever writes
+train.py (the allowed files), the branch, and its own folder: it never cleans, resets or deletes
+anything else, tracked or not, ignored or not; trials run in sandboxes that cannot see the
+repository at all. The harness stays in the installed package, out of a proposer's reach; its
+fingerprint (code, profile, tokenizer, data) is recorded when the workspace is made and checked,
+with the lab's own config, by content before every trial. One lab at a time holds a workspace
+(`lock`). The data and trainer template are imported where used: the report opens workspaces
+without numpy.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import subprocess
+import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -28,7 +36,7 @@ from autoresearch.harness import get_profile
 from autoresearch.harness.storage import write_json
 
 from .decide import DecisionRule
-from .limits import trainer_limit
+from .limits import SCORING_LIMIT
 
 if TYPE_CHECKING:
     from autoresearch.harness.dataset import PreparedData
@@ -36,14 +44,19 @@ if TYPE_CHECKING:
 LAB_DIR = ".autoresearch"
 CONFIG_FILE = "config.json"
 SETTINGS_FILE = "autoresearch.toml"
-# Folders under .autoresearch/ that readers (the report) write while a trial may be running; the
-# lab never reads them, so they are left out of the trial's tampering check.
-READER_PATHS = ("report",)
-GITIGNORE = "results.tsv\n.autoresearch/\n__pycache__/\nrun_output/\n"
+LOCK_FILE = "lock"
+REPORT_DIR = "report"  # under .autoresearch/: what `autoresearch report` writes
+GITIGNORE = f"results.tsv\n{LAB_DIR}/\n{SETTINGS_FILE}\n__pycache__/\nrun_output/\n"
+# Files git ignores (so that no reset of the branch touches them) but a proposal must still not change.
+WATCHED = (SETTINGS_FILE,)
 
 
 class WorkspaceError(UserError):
     """A workspace in a state the lab must not work on; the message says how to fix it."""
+
+
+class WorkspaceBusy(WorkspaceError):
+    """Another lab holds the workspace."""
 
 
 def git(cwd: Path, *args: str, check: bool = True, strip: bool = True) -> str:
@@ -60,7 +73,7 @@ def harness_fingerprint(profile_name: str, data: PreparedData) -> dict:
     harness_dir = resources.files("autoresearch") / "harness"
     for path in sorted(Path(str(harness_dir)).glob("*.py")):
         code.update(path.name.encode() + b"\0" + path.read_bytes())
-    files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(data.path.glob("*.bin"))}
+    files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(data.path.glob("*.bin"))}  # hashed in data
     return {"version": autoresearch.__version__, "harness_sha256": code.hexdigest(), "profile": profile_name,
             **data.fingerprint(), "data_files": files}
 
@@ -84,7 +97,17 @@ class Workspace:
             raise WorkspaceError(f"{root} is already a workspace; continue it with `autoresearch run {root}`.")
         root.mkdir(parents=True, exist_ok=True)
         branch = f"autoresearch/{tag}"
-        if (root / ".git").exists():
+        templates = resources.files("autoresearch").joinpath("templates")
+        written = {"train.py": trainer_source if trainer_source is not None else render_trainer(get_profile(profile)),
+                   "program.md": templates.joinpath("program.md").read_text()}
+        repository = (root / ".git").exists()
+        for name, text in written.items():  # a file of that name that git does not keep would be lost
+            path = root / name
+            if path.exists() and path.read_text(errors="replace") != text and not (
+                    repository and git(root, "ls-files", "--", name, check=False)):
+                raise WorkspaceError(f"{path} exists and git does not track it: `init` would write its own {name} "
+                                     "over it. Commit it, or move it away, and run `init` again.")
+        if repository:
             if git(root, "status", "--porcelain", "--untracked-files=no"):
                 raise WorkspaceError(f"{root} has uncommitted changes; commit or stash them before `init`.")
             if git(root, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}", check=False):
@@ -96,15 +119,14 @@ class Workspace:
         for key, value in (("user.name", "autoresearch"), ("user.email", "autoresearch@localhost")):
             if not git(root, "config", "--get", key, check=False):
                 git(root, "config", key, value)
-        (root / "train.py").write_text(trainer_source if trainer_source is not None else render_trainer(get_profile(profile)))
-        templates = resources.files("autoresearch").joinpath("templates")
-        (root / "program.md").write_text(templates.joinpath("program.md").read_text())
+        for name, text in written.items():
+            (root / name).write_text(text)
         if not (root / SETTINGS_FILE).exists():
             (root / SETTINGS_FILE).write_text(templates.joinpath(SETTINGS_FILE).read_text())
         ignore = root / ".gitignore"
         existing = ignore.read_text().splitlines() if ignore.exists() else []
         ignore.write_text("\n".join(existing + [line for line in GITIGNORE.split() if line not in existing]) + "\n")
-        git(root, "add", "train.py", "program.md", SETTINGS_FILE, ".gitignore")
+        git(root, "add", "train.py", "program.md", ".gitignore")
         git(root, "commit", "-q", "-m", f"baseline: train.py for profile {profile}")
         config = {
             "version": 1,
@@ -116,9 +138,11 @@ class Workspace:
             "allowed_files": list(allowed_files),
             "decision": (rule or DecisionRule()).to_dict(),
             "time_budget": time_budget,  # seconds; None: the profile's
-            "grace_seconds": None,  # beyond the budget before the trainer is killed; None: max(budget, 300)
+            "startup_limit": None,  # seconds from launch to training_started(); None: limits.startup_limit
             "training_tolerance": 0.05,  # how far past the budget the lab's clock may find training
-            "warmup_cap_seconds": 180.0 if profile != "cpu" else 60.0,
+            "scoring_limit": SCORING_LIMIT,  # seconds to rebuild and score the model, from the hand-in
+            "memory_bytes": None,  # each sandboxed process's memory limit (RLIMIT_DATA); None: 80% of the machine's
+            "max_processes": None,  # processes and threads of a sandbox (RLIMIT_NPROC); None: 4096
             "base_commit": git(root, "rev-parse", "HEAD"),
             "fingerprint": harness_fingerprint(profile, data),
             "created_at": time.time(),
@@ -169,16 +193,11 @@ class Workspace:
 
     @property
     def rule(self) -> DecisionRule:
-        return DecisionRule(**self.config["decision"])
+        return DecisionRule.from_dict(self.config["decision"])
 
     @property
     def time_budget(self) -> float:
         return float(self.config["time_budget"] or self.profile.time_budget)
-
-    @property
-    def time_limit(self) -> float:
-        """Wall-clock seconds after which the trainer's whole process group is killed."""
-        return trainer_limit(self.time_budget, self.config["grace_seconds"])
 
     def settings(self) -> dict:
         """autoresearch.toml as a dict of tables ({} when the file is absent)."""
@@ -211,41 +230,195 @@ class Workspace:
                 f"version {recorded.get('version')} and restore the prepared data, or start a new workspace."
             )
 
+    def integrity(self) -> dict:
+        """What must not change while a trial or a proposal runs, by content: the lab's config, the
+        harness's code, and the data files (by size, time and inode; they are hashed when prepared)."""
+        config = self.lab_dir / CONFIG_FILE
+        code = hashlib.sha256()
+        for path in sorted(Path(str(resources.files("autoresearch") / "harness")).glob("*.py")):
+            code.update(path.name.encode() + b"\0" + path.read_bytes())
+        data = {}
+        for path in sorted(Path(self.config["data"]).glob("*")):
+            st = path.stat()
+            data[path.name] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        return {"config": hashlib.sha256(config.read_bytes()).hexdigest() if config.exists() else None,
+                "harness": code.hexdigest(), "data": data}
+
+    def check_integrity(self, before: dict) -> None:
+        now = self.integrity()
+        what = {"config": f"{LAB_DIR}/{CONFIG_FILE}", "harness": "the installed harness's code",
+                "data": f"the prepared data in {self.config['data']}"}
+        changed = [what[k] for k in before if before[k] != now.get(k)]
+        if changed:
+            raise WorkspaceError(f"{' and '.join(changed)} changed while it ran")
+
+    # --- one lab at a time ------------------------------------------------------------------------
+    @contextmanager
+    def lock(self, command: str):
+        """Hold the workspace for this process; a second lab (run, baseline, trial) is refused with the
+        holder's pid and command. The kernel releases the lock when its holder dies, even by kill -9."""
+        path = self.lab_dir / LOCK_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise WorkspaceBusy(f"{self.root} is in use by {holder}. It was left as it is; stop that one first "
+                                "(Ctrl-C in its terminal), or wait for it.") from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} (autoresearch {command}, started {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+            handle.flush()
+            yield
+        finally:
+            handle.close()  # releases the lock
+
+    def holder(self) -> str | None:
+        """Who holds the workspace now, or None (for readers: the report, status)."""
+        path = self.lab_dir / LOCK_FILE
+        if not path.exists():
+            return None
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                return handle.read().strip() or "another process"
+        return None
+
     # --- git -------------------------------------------------------------------------------------
     def head(self) -> str:
         return git(self.root, "rev-parse", "HEAD")
 
-    def changed_files(self) -> list[str]:
-        """Tracked files that differ from HEAD and untracked files git does not ignore."""
+    def show(self, commit: str, name: str) -> str:
+        """The file `name` as it is in `commit`."""
+        return git(self.root, "show", f"{commit}:{name}", strip=False)
+
+    def status(self) -> dict[str, str]:
+        """Tracked files that differ from HEAD and untracked files git does not ignore: {path: status}."""
         out = git(self.root, "status", "--porcelain", "--untracked-files=all", "-z", strip=False)
-        names = []
+        names = {}
         entries = iter(out.split("\0"))
         for entry in entries:
             if not entry:
                 continue
             status, name = entry[:2], entry[3:]
-            names.append(name)
+            names[name] = status
             if "R" in status or "C" in status:
                 next(entries, None)  # the rename's source follows
-        return sorted(set(names))
+        return names
+
+    def changed_files(self) -> list[str]:
+        return sorted(self.status())
+
+    def untracked_and_ignored(self) -> list[str]:
+        """The person's files git does not track (untracked or ignored), the lab's own left out."""
+        out = git(self.root, "status", "--porcelain", "--ignored", "--untracked-files=normal", "-z", strip=False)
+        ours = {"results.tsv", f"{LAB_DIR}/", SETTINGS_FILE}
+        return sorted(e[3:] for e in out.split("\0") if e[:2] in ("??", "!!") and e[3:] not in ours)
+
+    def snapshot(self) -> dict[str, bytes | None]:
+        """The content of every file that differs from HEAD, and of the WATCHED ones (None: absent), to
+        tell afterwards what a proposal changed, and to put back exactly that."""
+        out = {}
+        for name in [*self.status(), *WATCHED]:
+            path = self.root / name
+            out[name] = path.read_bytes() if path.is_file() else None
+        return out
+
+    def changed_since(self, before: dict[str, bytes | None]) -> list[str]:
+        """Files whose content is not what `before` (a snapshot) says, files that differed from HEAD then
+        and that no longer do included."""
+        now = self.status()
+        changed = []
+        for name in set(now) | set(before) | set(WATCHED):
+            path = self.root / name
+            content = path.read_bytes() if path.is_file() else None
+            if name in before:
+                if content != before[name]:
+                    changed.append(name)
+            elif name in now:
+                changed.append(name)
+        return sorted(changed)
+
+    def restore(self, before: dict[str, bytes | None], names: list[str]) -> None:
+        """Put `names` back as `before` has them, or as HEAD has them where `before` does not list them."""
+        for name in names:
+            path = self.root / name
+            if name in before:
+                if before[name] is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(before[name])
+            elif self._tracked(name):
+                git(self.root, "checkout", "HEAD", "--", name)
+            else:
+                path.unlink(missing_ok=True)  # made by the proposal: it did not exist before
+
+    def _tracked(self, name: str) -> bool:
+        return subprocess.run(["git", "cat-file", "-e", f"HEAD:{name}"], cwd=self.root, capture_output=True).returncode == 0
 
     def commit(self, files: list[str], message: str) -> str:
         git(self.root, "add", "--", *files)
-        git(self.root, "commit", "-q", "--no-verify", "-m", message)
+        git(self.root, "commit", "-q", "--no-verify", "-m", message, "--", *files)
         return self.head()
 
     def diff(self, parent: str, child: str) -> str:
         return git(self.root, "diff", parent, child)
 
-    def working_diff(self) -> str:
-        git(self.root, "add", "-N", ".", check=False)  # show new files in the diff too
-        return git(self.root, "diff", "HEAD")
+    def subject(self, commit: str) -> str:
+        """The first line of a commit's message: for a kept change, its description."""
+        return git(self.root, "log", "-1", "--format=%s", commit)
+
+    def kept_commits(self, best: str) -> list[str]:
+        """The commits between the baseline and `best` on the branch, oldest first: the kept changes."""
+        return git(self.root, "rev-list", "--reverse", f"{self.config['base_commit']}..{best}").split()
+
+    def without(self, best: str, change: str, name: str = "train.py") -> str | None:
+        """`name` as it is in `best` with `change` (a commit below it) undone alone, or None when later
+        changes rewrote its lines. The change's lines are reversed with no context around them, so that a
+        change of one constant is undone beside another kept change of the next line."""
+        patch = git(self.root, "diff", "-U0", f"{change}^", change, "--", name, strip=False)
+        with tempfile.TemporaryDirectory(prefix="autoresearch-revert-") as tmp:
+            (Path(tmp) / name).write_text(self.show(best, name))
+            (Path(tmp) / "change.patch").write_text(patch)
+            proc = subprocess.run(["git", "apply", "-R", "--unidiff-zero", "change.patch"], cwd=tmp, capture_output=True)
+            return (Path(tmp) / name).read_text() if proc.returncode == 0 else None
+
+    def commit_aside(self, parent: str, files: dict[str, str], message: str) -> str:
+        """A commit of `parent` with `files` replaced, made without touching the branch, the index or the
+        working tree (for measuring a variant of the best); a ref under refs/autoresearch/ keeps it."""
+        with tempfile.TemporaryDirectory(prefix="autoresearch-index-") as tmp:
+            env = {**os.environ, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            run = lambda *args, **kw: subprocess.run(["git", *args], cwd=self.root, env=env, check=True,  # noqa: E731
+                                                     capture_output=True, text=True, **kw).stdout.strip()
+            run("read-tree", parent)
+            for name, text in files.items():
+                blob = run("hash-object", "-w", "--stdin", input=text)
+                run("update-index", "--add", "--cacheinfo", f"100644,{blob},{name}")
+            sha = run("commit-tree", run("write-tree"), "-p", parent, "-m", message)
+        git(self.root, "update-ref", f"refs/autoresearch/aside/{sha}", sha)
+        return sha
+
+    def working_diff(self, names: list[str]) -> str:
+        """The diff of `names` against HEAD, new files included."""
+        parts = []
+        for name in names:
+            if self._tracked(name):
+                parts.append(git(self.root, "diff", "HEAD", "--", name))
+            elif (self.root / name).is_file():
+                parts.append(git(self.root, "diff", "--no-index", "/dev/null", name, check=False))
+        return "\n".join(p for p in parts if p)
 
     def reset_to(self, sha: str) -> None:
-        """Back to `sha`, with every tracked and untracked file (but the lab's) as it was there."""
-        git(self.root, "reset", "-q", "--hard", sha)
-        self.clean()
-
-    def clean(self) -> None:
-        """Remove every untracked file, ignored ones included, but the lab's."""
-        git(self.root, "clean", "-q", "-fdx", "-e", LAB_DIR, "-e", "results.tsv")
+        """Point the branch at `sha` and put the allowed files as they are there. Nothing else is
+        touched: not other tracked files, not untracked or ignored ones."""
+        git(self.root, "reset", "-q", "--soft", sha)
+        allowed = [f for f in self.config["allowed_files"] if self._tracked(f)]
+        if allowed:
+            git(self.root, "checkout", sha, "--", *allowed)

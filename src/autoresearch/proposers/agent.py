@@ -41,7 +41,7 @@ from pathlib import Path
 
 from autoresearch.lab.ledger import Trial
 from autoresearch.lab.processes import group_alive, kill_tagged
-from autoresearch.lab.proposer import ProposalContext, check_settings
+from autoresearch.lab.proposer import ProposalContext, Proposer, check_settings
 from autoresearch.lab.workspace import git
 
 from .edits import DESCRIPTION_LINE, describe_change
@@ -80,7 +80,7 @@ class AgentError(RuntimeError):
 
 
 @dataclass
-class AgentProposer:
+class AgentProposer(Proposer):
     command: list[str]  # with placeholders {prompt} {prompt_file} {workspace} {description_file} ...
     preset: str = "custom"  # claude, codex, aider or custom: for the record
     timeout: float = 900.0  # seconds per proposal; then the agent's process group is killed

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from autoresearch.lab.ledger import Trial
-from autoresearch.lab.proposer import ProposalContext, check_settings
+from autoresearch.lab.proposer import ProposalContext, Proposer, check_settings
 
 from .edits import FORMAT_HELP, EditError, apply_reply
 from .prompt import RECENT, llm_prompt, next_trial_id
@@ -85,7 +85,7 @@ def model_price(model: str) -> tuple[float, float] | None:
 
 
 @dataclass
-class LLMProposer:
+class LLMProposer(Proposer):
     api: str  # "openai" (chat completions: OpenAI, vLLM, Ollama, OpenRouter, ...) or "anthropic"
     model: str
     api_key: str = field(repr=False, default="")

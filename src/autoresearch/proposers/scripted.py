@@ -9,11 +9,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoresearch.lab.proposer import ProposalContext
+from autoresearch.lab.outcomes import RUN_AGAIN, Kind
+from autoresearch.lab.proposer import ProposalContext, Proposer
 
 
 @dataclass
-class ScriptedProposer:
+class ScriptedProposer(Proposer):
     edits: list[dict]
     name: str = "scripted"
 
@@ -28,7 +29,8 @@ class ScriptedProposer:
         return cls(edits)
 
     def propose(self, ctx: ProposalContext) -> str | None:
-        done = sum(1 for t in ctx.history if t.proposer == self.name and t.kind == "candidate")
+        done = sum(1 for t in ctx.history if t.proposer == self.name and t.kind == Kind.CANDIDATE
+                   and t.status not in RUN_AGAIN)  # a stopped edit is run again by the lab, not proposed again
         if done >= len(self.edits):
             return None
         edit = self.edits[done]

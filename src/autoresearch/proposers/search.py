@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autoresearch.lab.proposer import check_settings
+from autoresearch.lab.outcomes import RUN_AGAIN, Kind, Status
+from autoresearch.lab.proposer import Proposer, check_settings
 
 from .space import build_space, fit_batch, normalise, parse_constants, rewrite
 
@@ -105,7 +106,7 @@ def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-class SearchProposer:
+class SearchProposer(Proposer):
     name = "search"
 
     def __init__(self, workspace: Path, settings: dict | SearchSettings | None = None):
@@ -182,9 +183,8 @@ class SearchProposer:
         number, self._pending = self._pending, None
         if number is None or self._state(number) != "RUNNING":
             return
-        if trial.status == "crash" and trial.reason.startswith("interrupted"):
-            self._note(number, trial)
-            self._retry.append(number)  # the lab is stopping; propose it again when it goes on
+        if trial.status in RUN_AGAIN:
+            self._note(number, trial)  # the lab is stopping: it runs this again when it goes on
             return
         self._finish(number, trial)
 
@@ -203,7 +203,7 @@ class SearchProposer:
         if trial.reason:
             self.storage.set_trial_user_attr(tid, "ledger_reason", trial.reason[:300])
         values = trial.values
-        if trial.status in ("keep", "discard") and values:
+        if trial.status in (Status.KEEP, Status.DISCARD) and values:
             self.study.tell(number, statistics.fmean(values), skip_if_finished=True)
         else:
             self.study.tell(number, state=self._optuna.trial.TrialState.FAIL, skip_if_finished=True)
@@ -229,13 +229,12 @@ class SearchProposer:
             if "description" not in attrs:
                 self._fail(ot.number, "the proposer stopped before it finished this proposal")
                 continue
-            match = next((t for t in ctx.history if t.kind == "candidate" and t.proposer == self.name
-                          and t.id > attrs.get("after", -1) and t.id not in claimed
+            match = next((t for t in ctx.history if t.kind == Kind.CANDIDATE and t.proposer == self.name
+                          and t.id > attrs.get("after", -1) and t.id not in claimed and t.status not in RUN_AGAIN
                           and t.description == attrs["description"]), None)
             if match is not None:
                 claimed.add(match.id)
-                if match.status in ("keep", "discard") or (match.status == "crash"
-                                                          and not match.reason.startswith("interrupted")):
+                if match.status != Status.RUNNING:
                     self._finish(ot.number, match)  # the lab recorded it but died before telling
                     continue
                 self._note(ot.number, match)

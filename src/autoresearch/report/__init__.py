@@ -1,12 +1,14 @@
-"""Reading a run: the report (progress.png, report.html, a markdown summary, the sealed test), the
-terminal status view and the live dashboard.
+"""Reading a run: the report (progress.png, report.html, a markdown summary, the sealed test's
+results), the terminal status view and the live dashboard.
 
 Read-only over the ledger (SQLite opened with `mode=ro`): nothing here can block or change a
-running loop. The CLI calls:
+running loop, and nothing here runs a train.py (the sealed test is scored by the lab, lab.sealed;
+the report reads its cache). The CLI calls:
 
-    report(workspace=None, out=None, *, test_eval="auto") -> int     # autoresearch report
+    report(workspace=None, out=None) -> int                          # autoresearch report
     status(workspace=None, *, last=15, watch=False, interval=2.0) -> int   # autoresearch status
     dashboard(workspace=None, *, port=8765, host="127.0.0.1", open_browser=False) -> int
+    export(workspace=None, out=None) -> int                          # autoresearch export
 
 Each raises ReportError (with a message meant for the user) when the workspace or ledger cannot be
 read; LedgerTooNew, for a ledger from a newer autoresearch, is also a LedgerVersionError.
@@ -21,6 +23,7 @@ _EXPORTS = {
     "render_progress": "plots",
     "status": "status", "render_status": "status",
     "dashboard": "dashboard", "make_server": "dashboard", "PortInUse": "dashboard",
+    "export": "export",
 }
 __all__ = sorted(_EXPORTS)
 

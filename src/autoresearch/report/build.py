@@ -1,10 +1,10 @@
 """`autoresearch report`: progress.png, a self-contained report.html and report.md, and the markdown
 summary on the terminal.
 
-Output goes to `--out`, or to `.autoresearch/report/` in the workspace. The lab checks, around
-every trial, that nothing under `.autoresearch/` but the trial's own folder changed; the report
-folder is one the lab leaves out of that check (its READER_PATHS), so a report made during a
-trial does not fail it. The sealed-test cache is not: it is written only while no trial runs.
+Output goes to `--out`, or to `.autoresearch/report/` in the workspace: a folder the lab never
+reads and no trial can see, so a report may be made at any time, during a trial too. The report
+reads the ledger and the sealed test's cache; it runs nothing (the CLI has the lab score the sealed
+test first, lab.sealed).
 """
 from __future__ import annotations
 
@@ -14,15 +14,14 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autoresearch.lab.workspace import REPORT_DIR, Workspace
+
 from .data import RETRY_SECONDS, Analysis, ReportError, find_workspace, load
 from .html import render_html
 from .plots import render_progress
+from .sealed_results import TestResult, sealed_results
 from .summary import TERMINAL_DIFF_LINES, markdown
-from autoresearch.lab.workspace import READER_PATHS, Workspace
 
-from .testeval import TestResult, sealed_test
-
-REPORT_DIR = READER_PATHS[0]
 FILES = ("progress.png", "report.html", "report.md")
 
 
@@ -39,25 +38,16 @@ class NoTrials(ReportError):
     """The workspace has no trial yet: nothing to report, which is not a failure to read it."""
 
 
-def trial_running(ws: Workspace) -> bool:
-    """Whether a trial is running now (a row the lab left `running` long ago does not count)."""
-    try:
-        return bool(load(ws, retry_seconds=2.0).live_running)
-    except ReportError:
-        return True  # unsure: behave as if one were
-
-
 def make_report(workspace: str | Path | Workspace | None = None, out: str | Path | None = None, *,
-                test_eval: str = "auto", log=print, retry_seconds: float = RETRY_SECONDS) -> ReportResult:
+                retry_seconds: float = RETRY_SECONDS) -> ReportResult:
     """Write the report's files and return what was written. Raises ReportError when the workspace
     or its ledger cannot be read, and when the ledger holds no trial."""
     ws = workspace if isinstance(workspace, Workspace) else find_workspace(workspace)
     a = load(ws, retry_seconds)
     if not a.trials:
         raise NoTrials(f"The workspace {ws.root} has no trials yet, so there is nothing to report. "
-                          f"Start the loop with `autoresearch run {ws.root}` (or `autoresearch baseline`).")
-    may_write_cache = lambda: not trial_running(ws)  # noqa: E731
-    tests = sealed_test(a, test_eval, log=log, may_write=may_write_cache)
+                       f"Start the loop with `autoresearch run {ws.root}` (or `autoresearch baseline`).")
+    tests = sealed_results(a)
     md = markdown(a, tests)
     with tempfile.TemporaryDirectory(prefix="autoresearch-report-") as tmp:
         staging = Path(tmp)
@@ -76,9 +66,8 @@ def make_report(workspace: str | Path | Workspace | None = None, out: str | Path
     return ReportResult(out_dir, files, md, a, tests)
 
 
-def report(workspace: str | Path | None = None, out: str | Path | None = None, *, test_eval: str = "auto",
-           stream=None) -> int:
-    """What `autoresearch report [WORKSPACE] [--out DIR] [--test-eval auto|always|never]` does.
+def report(workspace: str | Path | None = None, out: str | Path | None = None, *, stream=None) -> int:
+    """What `autoresearch report [WORKSPACE] [--out DIR]` does once the sealed test is scored.
 
     Prints the markdown summary (diffs shortened) and where the files went. Returns 0, or 1 when
     the workspace has no trials yet. Raises ReportError (a LedgerVersionError too, for a ledger from
@@ -86,7 +75,7 @@ def report(workspace: str | Path | None = None, out: str | Path | None = None, *
     stream = stream or sys.stdout
     say = lambda m: print(m, file=stream, flush=True)  # noqa: E731
     try:
-        result = make_report(workspace, out, test_eval=test_eval, log=lambda m: print(m, file=sys.stderr, flush=True))
+        result = make_report(workspace, out)
     except NoTrials as e:
         print(f"autoresearch report: {e}", file=sys.stderr)
         return 1

@@ -5,8 +5,9 @@ SVG, nothing from the internet) and JSON endpoints the page polls every 2 s:
 
     GET /api/trials       workspace, headline numbers, every trial (no diffs), a stamp that changes
                           when the ledger does
-    GET /api/current      the running trial (else the last one) and its progress points (step, loss,
-                          tokens/s, MFU, time left) parsed from its train.log
+    GET /api/current      the running trial, else the last one with a result, and its progress points
+                          (step, loss, tokens/s, MFU, time left) parsed from its train.log; when idle,
+                          also the latest trial if it ended without a result (crashed, stopped, ...)
     GET /api/trial/<id>   one trial in full: diff, reason, decision, the end of its train.log
     GET /api/health       {"ok": true}
 
@@ -31,9 +32,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 
+from autoresearch.lab.ledger import Trial
+from autoresearch.lab.outcomes import Kind
 from autoresearch.lab.workspace import Workspace
 
-from .data import Analysis, LogFollower, ReportError, downsample, find_workspace, ledger_stamp, load, read_tail
+from .data import (Analysis, LogFollower, ReportError, downsample, failure_name, find_workspace, ledger_stamp, load,
+                   read_tail, unsandboxed_text)
 
 DEFAULT_PORT = 8765
 STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
@@ -108,19 +112,27 @@ class DashboardState:
             seconds = ((t.ended_at or now) - t.started_at) if t.started_at else None
             trials.append({
                 "id": t.id, "kind": t.kind, "status": t.status, "commit": t.short_sha, "description": t.description,
-                "val_bpb": t.val_bpb, "delta": a.delta_of(t) if t.kind == "candidate" else None,
-                "reason": t.reason, "why": t.decision.get("why", "") if isinstance(t.decision, dict) else "",
+                "val_bpb": t.val_bpb, "delta": a.delta_of(t) if t.kind == Kind.CANDIDATE else None,
+                "failure": failure_name(t), "reason": t.reason, "stale": t in a.stale_running,
+                "why": t.decision.get("why", "") if isinstance(t.decision, dict) else "",
                 "proposer": t.proposer, "seed": t.seed, "started_at": t.started_at, "ended_at": t.ended_at,
                 "seconds": seconds, "running_best": a.running_best.get(t.id), "num_steps": t.num_steps,
+                "sandboxed": t.sandboxed,
             })
         cfg = a.ws.config
+        interval = a.improvement_interval
         summary = {
-            "total": len(a.trials), "counts": a.counts(), "baseline_mean": a.baseline_mean,
-            "baseline_n": len(a.baseline_values), "sigma": a.sigma, "best_commit": a.best_commit,
+            "total": len(a.trials), "counts": a.counts(), "tally": a.tally(), "baseline_mean": a.baseline_mean,
+            "baseline_n": len(a.baseline_values), "sigma": a.sigma, "sigma_df": a.sigma_df, "noise_since": a.since,
+            "unsandboxed": unsandboxed_text(a),
+            "detectable_gain": a.detectable_gain, "detect_against": a.detect_against, "best_commit": a.best_commit,
             "best_mean": a.best_mean, "best_n": len(a.best_values),
-            "best_is_baseline": a.best_commit == a.baseline_commit if a.best_commit else None,
-            "improvement": a.improvement, "improvement_se": a.improvement_se, "keep_rate": a.keep_rate,
-            "kept_candidates": len(a.kept_candidates), "finished_candidates": len(a.finished_candidates),
+            "best_is_baseline": a.best_is_baseline if a.best_commit else None,
+            "improvement": a.improvement, "improvement_se": a.improvement_se,
+            "improvement_low": interval.low if interval else None,
+            "improvement_high": interval.high if interval else None,
+            "keep_rate": a.keep_rate,
+            "kept_candidates": len(a.kept_candidates), "counted_candidates": len(a.counted_candidates),
             "trials_per_hour": a.trials_per_hour, "compute_hours": a.compute_seconds / 3600,
             "accelerator": a.accelerator, "hardware": a.hardware_text if a.hardware else "",
         }
@@ -130,20 +142,30 @@ class DashboardState:
                 "stale": self._error, "now": now}
 
     def current_payload(self) -> dict:
+        """The trial running now, with its curve. With none running (idle, or only a row a dead lab left
+        running), the last trial that ended with a result, with its curve, and the latest trial besides
+        when it ended without one: a dead trial's curve is never shown as the current one."""
         a = self.analysis()
         now = time.time()
-        trial = a.running[-1] if a.running else (a.trials[-1] if a.trials else None)
-        if trial is None:
-            return {"running": False, "trial": None, "points": [], "last": None, "now": now}
-        points = self.follower(a.log_path(trial)).poll()
-        keep = ("step", "progress_pct", "loss", "lrm", "dt_ms", "tok_per_s", "mfu_pct", "epoch", "remaining_s")
-        slim = [{k: p.get(k) for k in keep if k in p} for p in downsample(points)]
-        info = {"id": trial.id, "kind": trial.kind, "status": trial.status, "description": trial.description,
-                "started_at": trial.started_at, "val_bpb": trial.val_bpb,
+        running = a.live_running[-1] if a.live_running else None
+        shown = running or a.last_result
+        latest = a.trials[-1] if a.trials else None
+        payload = {"running": running is not None, "trial": None, "points": [], "last": None, "now": now,
+                   "on_cpu": a.on_cpu(shown), "stale": [t.id for t in a.stale_running],
+                   "latest": None if running or latest is None or latest is shown else self._brief(latest, now)}
+        if shown is not None:
+            points = self.follower(a.log_path(shown)).poll()
+            keep = ("step", "progress_pct", "loss", "lrm", "dt_ms", "tok_per_s", "mfu_pct", "epoch", "remaining_s")
+            slim = [{k: p.get(k) for k in keep if k in p} for p in downsample(points)]
+            payload.update(trial=self._brief(shown, now), points=slim, last=slim[-1] if slim else None)
+        return payload
+
+    @staticmethod
+    def _brief(trial: Trial, now: float) -> dict:
+        return {"id": trial.id, "kind": trial.kind, "status": trial.status, "description": trial.description,
+                "started_at": trial.started_at, "val_bpb": trial.val_bpb, "reason": trial.reason,
+                "failure": failure_name(trial),
                 "seconds": ((trial.ended_at or now) - trial.started_at) if trial.started_at else None}
-        stale = trial in a.stale_running
-        return {"running": trial.status == "running" and not stale, "stale": stale, "trial": info, "points": slim,
-                "last": slim[-1] if slim else None, "now": now}
 
     def trial_payload(self, trial_id: int) -> dict | None:
         a = self.analysis()
@@ -157,7 +179,8 @@ class DashboardState:
                 "val_bpb": trial.val_bpb, "summary": trial.trainer_summary if not trial.reason else
                 {k: v for k, v in trial.trainer_summary.items() if k != "log_tail"},
                 "num_steps": trial.num_steps, "total_tokens_m": trial.total_tokens_m,
-                "peak_vram_mb": trial.peak_vram_mb, "mfu_percent": trial.mfu_percent, "hardware": trial.hardware,
+                "peak_vram_mb": trial.peak_vram_mb, "mfu_percent": trial.mfu_percent, "on_cpu": a.on_cpu(trial),
+                "failure": failure_name(trial), "hardware": trial.hardware,
                 "started_at": trial.started_at, "ended_at": trial.ended_at, "log_tail": tail}
 
 

@@ -7,8 +7,10 @@ and never change a byte of it. Where SQLite still answers `database is locked` (
 an exclusive lock, a ledger not in WAL mode), the read is retried for a while and then refused
 with a message that says so.
 
-From the lab it takes the workspace, the ledger's `Trial` record and schema check and the time
-limits, none of which imports numpy or torch, so `autoresearch status` starts at once.
+From the lab it takes the workspace, the ledger's `Trial` record and schema check, the time limits,
+and the lab's own rules for what the ledger means: the best commit and its runs (decide.current_best)
+and the noise (noise.workspace_noise), so that the report never tells a story the lab did not decide
+on. None of these imports torch or runs anything (decide imports numpy, for the detectable gain).
 """
 from __future__ import annotations
 
@@ -20,15 +22,20 @@ import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from urllib.parse import quote
 
 from autoresearch.errors import UserError
+from autoresearch.lab.decide import VALUE_KINDS, Best, DecisionRule, current_best
 from autoresearch.lab.ledger import LedgerVersionError, Trial, check_schema_version
-from autoresearch.lab.limits import evaluation_limit, trainer_limit
+from autoresearch.lab.limits import trial_limit
+from autoresearch.lab.noise import Interval, NoiseEstimate, detectable_gain, gain_interval, workspace_noise
+from autoresearch.lab.outcomes import Kind, Status
 from autoresearch.lab.workspace import Workspace, WorkspaceError
 
 RETRY_SECONDS = 10.0  # how long a read waits out a locked ledger before giving up
+NOISE_SINCE = "noise_since"  # the ledger meta where the lab (lab.loop.NOISE_SINCE) starts its noise epoch
 
 
 class ReportError(UserError):
@@ -224,20 +231,36 @@ def downsample(points: list, limit: int = 1500) -> list:
 
 
 # --- crash reasons -------------------------------------------------------------------------------------
-def crash_group(reason: str) -> str:
-    """The kind of a crash: the words before the reason's first colon (`timeout`, `causality
-    violation`, `exit`, `OOM`, `tampering`, `rejected edit`, `over budget`, ...)."""
-    reason = " ".join((reason or "").split())
-    if not reason:
-        return "no reason recorded"
-    head, colon, _ = reason.partition(":")
-    if colon and 0 < len(head.split()) <= 4:
-        return head.strip()
-    return " ".join(reason.split()[:3])
+NO_FAILURE = "unknown"  # the group of a crash whose row names no failure (an older ledger's odd reason)
+
+
+def failure_name(trial: Trial) -> str | None:
+    """What a crash's group is called: its failure's value, or NO_FAILURE; None for a trial that did not crash."""
+    if trial.status != Status.CRASH:
+        return None
+    return str(trial.failure) if trial.failure else NO_FAILURE
+
+
+UNSANDBOXED_NOTE = "unsandboxed: its train.py could read the answers and the lab's files"
+
+
+def unsandboxed_text(a) -> str:
+    """A warning where any trial ran without the sandbox, else ''."""
+    if not a.unsandboxed:
+        return ""
+    return (f"{len(a.unsandboxed)} of {len(a.trials)} trial(s) ran unsandboxed (--unsandboxed): their train.py could "
+            "read the answers, the network and your files, so their numbers are only as good as the trust in it")
+
+
+def reason_text(trial: Trial) -> str:
+    """Why a trial ended as it did, for a list of trials: the reason, after the failure for a crash."""
+    failure = failure_name(trial)
+    return (f"[{failure}] " if failure else "") + (trial.reason or "")
 
 
 def crash_detail(reason: str) -> str:
-    """What follows the group name: for `exit: train.py exited with code 1: ZeroDivisionError: ...`,
+    """A crash's reason without the label reasons have started with (`exit:`, `OOM:`, ...; the group's
+    name says what it is): for `exit: train.py exited with code 1: ZeroDivisionError: ...`,
     `code 1: ZeroDivisionError: ...`."""
     reason = " ".join((reason or "").split())
     head, colon, rest = reason.partition(":")
@@ -245,18 +268,69 @@ def crash_detail(reason: str) -> str:
     return re.sub(r"^train\.py exited with ", "", rest)
 
 
+# --- throughput ----------------------------------------------------------------------------------------
+def tokens_per_second(trial: Trial) -> float | None:
+    """Training tokens per second of the lab's clock: as the lab recorded it, else from the trainer's
+    token count over the training time the lab measured (older ledgers)."""
+    if trial.tokens_per_second:
+        return trial.tokens_per_second
+    if trial.total_tokens_m and trial.training_seconds:
+        return trial.total_tokens_m * 1e6 / trial.training_seconds
+    return None
+
+
+def mfu_text(mfu, on_cpu: bool) -> str:
+    """MFU as people read it. A CPU has no peak FLOP/s to measure against, and a trainer that does not
+    know its device's peak prints 0: neither is a utilisation, so both read `n/a`."""
+    if on_cpu or not isinstance(mfu, (int, float)) or not math.isfinite(mfu) or mfu <= 0:
+        return "n/a"
+    return f"{mfu:.1f}%"
+
+
 # --- what the ledger says, derived -------------------------------------------------------------------
+# The statuses a candidate's keep rate counts: it ran, and either was judged or crashed.
+COUNTED = frozenset({Status.KEEP, Status.DISCARD, Status.CRASH})
+# Statuses that end a trial with a val_bpb the lab decided on: a result.
+DECIDED = frozenset({Status.KEEP, Status.DISCARD})
+# A tally of trials in words, in this order: the counted statuses always, then the trials that ended
+# otherwise and the one still running, where there are any.
+TALLY = (Status.KEEP, Status.DISCARD, Status.CRASH, Status.STOPPED, Status.LOST, Status.EMPTY, Status.RUNNING)
+
+
 def fmean(values):
     return statistics.fmean(values) if values else None
+
+
+def main_device_class(trials: list[Trial]) -> str | None:
+    """The class of device most trials ran on: the one the report's numbers are of, as the lab's are of
+    the device it runs on. None where no trial recorded one (an older ledger): then all trials count."""
+    seen = Counter(t.device_class for t in trials if t.device_class)
+    return seen.most_common(1)[0][0] if seen else None
+
+
+def best_as_measured(trials: list[Trial], device_class: str | None, since: int) -> Best | None:
+    """The lab's best (decide.current_best) on this device in this noise epoch. Where it has no run in
+    the epoch yet (an epoch just began; the lab measures the best again before the next decision), its
+    runs on this device of earlier epochs stand for it."""
+    best = current_best(trials, device_class, since)
+    if best is not None and not best.samples and since:
+        best = current_best(trials, device_class)
+    return best
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 @dataclass
 class KeptChange:
     trial: Trial
-    delta: float | None  # mean(best before) - mean(this): positive is an improvement
+    delta: float | None  # the gain over the best it was measured against: positive is an improvement
     values: list[float]
     best_before: list[float]
-    se: float | None  # standard error of delta from sigma and the two run counts
+    low: float | None  # the gain's 95% interval, as its decision recorded it (None in older ledgers)
+    high: float | None
+    se: float | None  # where there is no interval: the standard error of delta from sigma and the run counts
 
     @property
     def z(self) -> float | None:
@@ -280,53 +354,91 @@ class Analysis:
 
     def __post_init__(self):
         t = self.trials
-        self.finished = [x for x in t if x.status != "running"]
-        self.running = [x for x in t if x.status == "running"]
+        self.finished = [x for x in t if x.status != Status.RUNNING]
+        self.running = [x for x in t if x.status == Status.RUNNING]
         # A row left `running` by a lab that died (kill -9, reboot) until `autoresearch run` resumes.
         limit = self.longest_trial_seconds
         self.stale_running = [x for x in self.running if x.started_at and self.read_at - x.started_at > limit]
         self.live_running = [x for x in self.running if x not in self.stale_running]
-        self.baseline_runs = [x for x in t if x.kind == "baseline" and x.status == "keep" and x.val_bpb is not None]
+        # The lab's view: its rule, the device its numbers are of, the noise of this epoch there.
+        self.rule = self._rule()
+        self.device_class = main_device_class(t)
+        since = self.meta.get(NOISE_SINCE)
+        self.since = int(since) if isinstance(since, (int, float)) and not isinstance(since, bool) else 0
+        self.noise: NoiseEstimate = workspace_noise(t, self.device_class, self.rule or DecisionRule(), self.since)
+        self.sigma, self.sigma_df = self.noise.sigma, self.noise.df
+        self.baseline_commit = self.ws.config.get("base_commit") or next(
+            (x.commit_sha for x in t if x.kind == Kind.BASELINE and x.status == Status.KEEP), None)
+        # The baseline's runs as the lab counts a commit's runs (decide.VALUE_KINDS): its seeds, and its
+        # runs again (drift checks while it was the best, confirmations), on this device.
+        self.baseline_runs = [x for x in t if x.commit_sha == self.baseline_commit and x.kind in VALUE_KINDS
+                              and x.status == Status.KEEP and x.val_bpb is not None
+                              and (self.device_class is None or x.device_class == self.device_class)]
         self.baseline_values = [x.val_bpb for x in self.baseline_runs]
-        self.baseline_commit = self.ws.config.get("base_commit") or (
-            self.baseline_runs[0].commit_sha if self.baseline_runs else None)
-        sigma = self.meta.get("sigma")
-        self.sigma = float(sigma) if isinstance(sigma, (int, float)) else None
-        self.candidates = [x for x in t if x.kind == "candidate"]
-        self.finished_candidates = [x for x in self.candidates if x.status != "running"]
-        self.kept_candidates = [x for x in self.candidates if x.status == "keep"]
-        self.crashes = [x for x in t if x.status == "crash"]
+        self.best = best_as_measured(t, self.device_class, self.since)
+        self.best_commit = self.best.commit if self.best else None
+        self.best_values = self.best.values if self.best else []
+        self.candidates = [x for x in t if x.kind == Kind.CANDIDATE]
+        # The keep rate's denominator: candidates that ran to an outcome. Not one still running, nor one
+        # stopped or lost (it is run again), nor an empty proposal (nothing was tried).
+        self.counted_candidates = [x for x in self.candidates if x.status in COUNTED]
+        self.kept_candidates = [x for x in self.candidates if x.status == Status.KEEP]
+        self.crashes = [x for x in t if x.status == Status.CRASH]
+        # Trials the person chose to run without the sandbox: their numbers rest on trusting train.py.
+        self.unsandboxed = [x for x in t if not x.sandboxed]
         self._replay()
 
-    # The lab's rule for the best: the commit of the last kept row; its value is the mean of every
-    # kept row of that commit (baseline seeds, reruns, drift checks included).
+    def _rule(self) -> DecisionRule | None:
+        """The workspace's decision rule; None where its config names one this version cannot read."""
+        try:
+            return self.ws.rule
+        except (KeyError, TypeError, ValueError):
+            return None
+
     def _replay(self) -> None:
-        kept: dict[str, list[float]] = {}
-        best_commit = None
+        """The best as it stood at every row: the lab's best (best_as_measured) of the ledger up to that
+        row, in the noise epoch of then. It changes only at a keep (a kept candidate names a new best
+        commit; any kept run adds to the best's runs), so it is computed there."""
         self.running_best: dict[int, float | None] = {}
-        self.best_before: dict[int, tuple[str | None, list[float]]] = {}
-        self.kept_changes: list[KeptChange] = []
+        self.best_before: dict[int, Best | None] = {}  # a candidate's id: the best as it stood before it
+        rows: list[Trial] = []
+        best, epoch = None, 0
         for x in self.trials:
-            if x.kind == "candidate":
-                self.best_before[x.id] = (best_commit, list(kept.get(best_commit, [])))
-            if x.status == "keep" and x.val_bpb is not None:
-                key = x.commit_sha or ""
-                kept.setdefault(key, []).append(x.val_bpb)
-                best_commit = key
-            self.running_best[x.id] = fmean(kept[best_commit]) if best_commit is not None else None
-        self.best_commit = best_commit
-        self.best_values = list(kept.get(best_commit, [])) if best_commit is not None else []
+            if x.kind == Kind.CANDIDATE:
+                self.best_before[x.id] = best
+            rows.append(x)
+            change = x.decision.get("change") if isinstance(x.decision, dict) else None
+            if isinstance(change, dict) and _number(change.get("start")) is not None:  # the lab began an epoch here
+                epoch = max(epoch, int(change["start"]))
+            if self.since and x.id >= self.since:
+                epoch = max(epoch, self.since)
+            if x.status == Status.KEEP:
+                best = best_as_measured(rows, self.device_class, epoch)
+            self.running_best[x.id] = best.mean if best else None
+        self.kept_changes: list[KeptChange] = []
         for x in self.kept_candidates:
-            _, before = self.best_before.get(x.id, (None, []))
+            decision = x.decision if isinstance(x.decision, dict) else {}
             values = x.values
-            before = [v for v in (x.decision.get("best_values") or before) if isinstance(v, (int, float))]
-            delta = x.decision.get("delta")
-            if not isinstance(delta, (int, float)):
+            before = [v for v in decision.get("best_values") or self._before_values(x) if _number(v) is not None]
+            delta = _number(decision.get("delta"))
+            if delta is None:
                 delta = fmean(before) - fmean(values) if before and values else None
-            sigma = x.decision.get("sigma") if isinstance(x.decision.get("sigma"), (int, float)) else self.sigma
-            se = sigma * math.sqrt(1 / len(before) + 1 / len(values)) if sigma and before and values else None
-            self.kept_changes.append(KeptChange(x, delta, values, before, se))
+            low, high = _number(decision.get("low")), _number(decision.get("high"))
+            se = None
+            if low is None or high is None:  # an older ledger: the standard error from sigma and the run counts
+                low = high = None
+                sigma = _number(decision.get("sigma")) or self.sigma
+                se = sigma * math.sqrt(1 / len(before) + 1 / len(values)) if sigma and before and values else None
+            self.kept_changes.append(KeptChange(x, delta, values, before, low, high, se))
         self.kept_changes.sort(key=lambda k: -(k.delta if k.delta is not None else -math.inf))
+
+    def _before_values(self, trial: Trial) -> list[float]:
+        """The runs of the best before `trial` that a decision on it compares with (decide: the best's
+        fresh runs), or all its runs where it has no fresh one."""
+        best = self.best_before.get(trial.id)
+        if best is None:
+            return []
+        return [s.value for s in best.fresh] or best.values
 
     # --- the workspace, as far as its config can be read ---------------------------------------------
     @property
@@ -339,9 +451,8 @@ class Analysis:
 
     @property
     def longest_trial_seconds(self) -> float:
-        """Longer than any trial the lab lets run: the trainer's kill limit, then the evaluation's."""
-        trainer = trainer_limit(self.time_budget or 300.0, self.ws.config.get("grace_seconds"))
-        return trainer + evaluation_limit(trainer)
+        """Longer than any trial the lab lets run: every phase's limit, one after another."""
+        return trial_limit(self.ws.config, self.time_budget or 300.0)
 
     def log_path(self, trial: Trial) -> Path:
         """The trial's train.log: in its folder here (the workspace may have moved since the ledger
@@ -361,6 +472,10 @@ class Analysis:
         return fmean(self.best_values)
 
     @property
+    def best_is_baseline(self) -> bool:
+        return self.best_commit is not None and self.best_commit == self.baseline_commit
+
+    @property
     def improvement(self) -> float | None:
         if self.baseline_mean is None or self.best_mean is None:
             return None
@@ -372,20 +487,44 @@ class Analysis:
         Zero runs of difference when the best is the baseline itself."""
         if self.sigma is None or not self.baseline_values or not self.best_values:
             return None
-        if self.best_commit == self.baseline_commit:
+        if self.best_is_baseline:
             return 0.0
         return self.sigma * math.sqrt(1 / len(self.baseline_values) + 1 / len(self.best_values))
 
     @property
+    def improvement_interval(self) -> Interval | None:
+        """baseline mean - best mean with its 95% t interval (noise.gain_interval: sigma and its df);
+        None where the best is the baseline or either has no run, bounds None while sigma is unknown."""
+        if self.best_is_baseline or not self.baseline_values or not self.best_values:
+            return None
+        return gain_interval(self.baseline_values, self.best_values, self.noise)
+
+    @property
+    def detect_against(self) -> int:
+        """The runs of the best the next candidate is measured against: its fresh runs, at least the
+        rule's baseline_runs (the lab measures the best that often before a candidate)."""
+        fresh = len(self.best.fresh) if self.best else 0
+        return max(fresh, self.rule.baseline_runs if self.rule else 1, 1)
+
+    @cached_property
+    def detectable_gain(self) -> float | None:
+        """The smallest true gain the workspace's rule keeps half the time at this noise (noise.detectable_gain),
+        against the best as the next candidate meets it; None while sigma is unknown."""
+        if self.rule is None or self.sigma is None:
+            return None
+        return detectable_gain(self.noise, self.rule, self.detect_against)
+
+    @property
     def keep_rate(self) -> float | None:
-        return len(self.kept_candidates) / len(self.finished_candidates) if self.finished_candidates else None
+        return len(self.kept_candidates) / len(self.counted_candidates) if self.counted_candidates else None
 
     @property
     def span_seconds(self) -> float | None:
         if not self.trials:
             return None
         start = min(x.started_at for x in self.trials)
-        ends = [x.ended_at for x in self.finished if x.ended_at] + ([self.read_at] if self.running else [])
+        # A row a dead lab left running ends nowhere: counting it up to now would make the run look ever slower.
+        ends = [x.ended_at for x in self.finished if x.ended_at] + ([self.read_at] if self.live_running else [])
         return max(ends) - start if ends else None
 
     @property
@@ -420,12 +559,29 @@ class Analysis:
             return "CPU"
         return "GPU"
 
+    def on_cpu(self, trial: Trial | None = None) -> bool:
+        """Whether `trial` ran on a CPU: by its own record, else (still running, or nothing recorded) by
+        what the workspace's trials ran on."""
+        device = (trial.hardware or {}).get("device") if trial is not None else None
+        return device == "cpu" if device else self.accelerator == "CPU"
+
+    @property
+    def best_run(self) -> Trial | None:
+        """The latest kept run of the best commit: what the best trains like now."""
+        return next((x for x in reversed(self.trials) if x.status == Status.KEEP and x.val_bpb is not None
+                     and (x.commit_sha or "") == self.best_commit), None)
+
+    @property
+    def last_result(self) -> Trial | None:
+        """The last trial that ended with a val_bpb the lab decided on (kept or discarded)."""
+        return next((x for x in reversed(self.trials) if x.status in DECIDED and x.val_bpb is not None), None)
+
     @property
     def hardware_text(self) -> str:
         hw = self.hardware
         if not hw:
             return "not recorded yet"
-        name = hw.get("gpu") or hw.get("cpu") or hw.get("device", "?")
+        name = hw.get("name") or hw.get("gpu") or hw.get("cpu") or hw.get("class") or hw.get("device", "?")
         parts = [f"{name} ({hw.get('device', '?')})"]
         for key in ("torch", "cuda", "driver", "python"):
             if hw.get(key):
@@ -433,26 +589,63 @@ class Analysis:
         return ", ".join(parts)
 
     def crash_groups(self) -> list[tuple[str, list[Trial]]]:
+        """The crashes by their failure (its value names the group), the most frequent first."""
         groups: dict[str, list[Trial]] = {}
         for x in self.crashes:
-            groups.setdefault(crash_group(x.reason), []).append(x)
+            groups.setdefault(failure_name(x), []).append(x)
         return sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
 
-    def counts(self) -> dict:
-        return {s: sum(x.status == s for x in self.trials) for s in ("keep", "discard", "crash", "running")}
+    def counts(self) -> dict[Status, int]:
+        """How many trials have each status (every status, zero or not), in Status's order."""
+        return {s: sum(x.status == s for x in self.trials) for s in Status}
+
+    def tally(self) -> list[tuple[Status, int]]:
+        """(status, how many) in TALLY's order: the counted statuses, and the others that occur."""
+        counts = self.counts()
+        return [(s, counts[s]) for s in TALLY if counts[s] or s in COUNTED]
 
     def kinds(self) -> dict:
         return dict(Counter(x.kind for x in self.trials))
 
     def delta_of(self, trial: Trial) -> float | None:
-        """How much better than the best before it a candidate measured (positive: better)."""
+        """How much better than the best before it a candidate measured (positive: better): the gain its
+        decision recorded, else (older ledgers) from the best's runs before it."""
         if trial.val_bpb is None:
             return None
-        delta = trial.decision.get("delta")
-        if isinstance(delta, (int, float)):
-            return float(delta)
-        _, before = self.best_before.get(trial.id, (None, []))
-        return fmean(before) - trial.val_bpb if before else None
+        delta = _number(trial.decision.get("delta")) if isinstance(trial.decision, dict) else None
+        if delta is not None:
+            return delta
+        before = self._before_values(trial)
+        return fmean(before) - fmean(trial.values) if before else None
+
+
+def sigma_basis(a: Analysis) -> str:
+    """What sigma was learnt from, in words: its degrees of freedom, the runs, the epoch, the floor."""
+    epoch = f" since trial {a.since}, where the lab found the measurement changed" if a.since else ""
+    floor = (f", raised to the rule's floor min_sigma (measured {a.noise.raw_sigma:.6f})"
+             if a.noise.raw_sigma is not None and a.noise.raw_sigma < a.noise.floor else "")
+    return f"{a.sigma_df} df, pooled over every commit run more than once{epoch}{floor}"
+
+
+def sigma_text(a: Analysis) -> str:
+    """The noise as people read it: sigma with its degrees of freedom, and what it was learnt from."""
+    if a.sigma is None:
+        epoch = f" since trial {a.since}, where the lab found the measurement changed" if a.since else " yet"
+        return f"σ unknown: no commit has two runs{epoch}"
+    return f"σ = {a.sigma:.6f} with {sigma_basis(a)}"
+
+
+def detectable_text(a: Analysis, *, why: bool = True) -> str:
+    """What the noise hides: the smallest gain the rule can see, in words (`why`: with what that means);
+    '' while sigma is unknown."""
+    gain = a.detectable_gain
+    if gain is None:
+        return ""
+    if gain == 0:
+        return "the rule keeps any gain that measures lower, lucky seeds included"
+    meaning = (f" (the rule keeps them less than half the time against a best of {a.detect_against} runs)"
+               if why else "")
+    return f"gains under {gain:.4g} are invisible here{meaning}: lengthen the budget or allow more runs"
 
 
 def load(workspace: str | Path | None = None, retry_seconds: float = RETRY_SECONDS) -> Analysis:

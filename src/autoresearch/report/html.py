@@ -7,10 +7,13 @@ import html
 import time
 from pathlib import Path
 
-from .data import Analysis, crash_detail, duration
+from autoresearch.lab.outcomes import Kind
+
+from .data import (UNSANDBOXED_NOTE, Analysis, crash_detail, detectable_text, duration, reason_text, sigma_basis,
+                   sigma_text, unsandboxed_text)
 from .plots import BAND_SIGMAS
-from .summary import bpb, signed
-from .testeval import TestResult
+from .sealed_results import TestResult
+from .summary import bpb, confirmation_lines, effect_uncertainty, interval_text, signed, throughput, uncounted_text
 
 CSS = """
 :root { --fg:#1d2330; --muted:#667085; --line:#e4e7ec; --keep:#2ca02c; --discard:#9e9e9e; --crash:#d62728;
@@ -33,14 +36,19 @@ th { background: var(--card); position: sticky; top: 0; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; font-family: ui-monospace, Menlo, Consolas, monospace; }
 code, pre { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px; }
 pre.diff { background: #fbfbfc; border: 1px solid var(--line); border-radius: 6px; padding: 8px; overflow-x: auto; margin: 6px 0 0; }
-pre.diff .add { color: #116329; background: #dafbe1; display: block; }
-pre.diff .del { color: #82071e; background: #ffebe9; display: block; }
-pre.diff .hunk { color: #6639ba; display: block; }
+/* A line's colour spans the width, yet the line stays inline: a block inside <pre> would add a blank
+   line at the newline after it. */
+pre.diff span { display: inline-block; min-width: 100%; }
+pre.diff .add { color: #116329; background: #dafbe1; }
+pre.diff .del { color: #82071e; background: #ffebe9; }
+pre.diff .hunk { color: #6639ba; }
 .status { font-weight: 600; } .status.keep { color: var(--keep); } .status.discard { color: var(--discard); }
 .status.crash { color: var(--crash); } .status.running { color: #ff9800; }
+.status.stopped, .status.lost { color: #b26a00; } .status.empty { color: var(--discard); font-weight: 400; }
 details summary { cursor: pointer; }
 li { margin: 4px 0; }
 .reason { color: var(--muted); font-size: 12px; }
+.warning { border: 1px solid #c0392b; color: #c0392b; padding: 8px 12px; border-radius: 6px; }
 """
 
 
@@ -70,26 +78,36 @@ def _card(label: str, value: str, sub: str = "") -> str:
 def render_html(a: Analysis, tests: list[TestResult], png: Path | None) -> str:
     cfg = a.ws.config
     budget = a.time_budget
-    cards = [_card("baseline val_bpb", bpb(a.baseline_mean),
-                   f"{len(a.baseline_values)} run(s); σ = {a.sigma:.6f}" if a.sigma is not None else
-                   f"{len(a.baseline_values)} run(s); σ unknown")]
-    if a.best_commit and a.best_commit != a.baseline_commit:
-        se = a.improvement_se
+    cards = [_card("baseline val_bpb", bpb(a.baseline_mean), f"{len(a.baseline_values)} run(s)")]
+    if a.best_commit and not a.best_is_baseline:
+        se, interval = a.improvement_se, a.improvement_interval
         cards.append(_card("best val_bpb", bpb(a.best_mean), f"{a.best_commit[:7]}, {len(a.best_values)} run(s)"))
         rel = f" ({100 * a.improvement / a.baseline_mean:.2f}%)" if a.improvement is not None and a.baseline_mean else ""
-        cards.append(_card("improvement", signed(a.improvement) + rel,
-                           f"± {se:.6f} (1 SE, {a.improvement / se:.1f} SE)" if se else "no noise estimate"))
+        spread = f"± {se:.6f} (1 SE, {a.improvement / se:.1f} SE)" if se else "no noise estimate"
+        if interval is not None and interval.low is not None:
+            spread += f"; {interval_text(interval.low, interval.high)}"
+        cards.append(_card("improvement", signed(a.improvement) + rel, spread))
     else:
         cards.append(_card("best val_bpb", bpb(a.best_mean), "the baseline: nothing kept yet"))
+    # "noise", not "noise σ": the cards' labels are upper-cased, and an upper-case σ is a sum.
+    cards.append(_card("noise", f"σ {a.sigma:.6f}" if a.sigma is not None else "σ unknown",
+                       "; ".join(filter(None, (sigma_basis(a) if a.sigma is not None else sigma_text(a),
+                                               detectable_text(a))))))
     for r in tests:
         cards.append(_card(f"sealed test, {r.role}", bpb(r.test_bpb), f"{(r.commit or '')[:7]}: {r.note}"))
     if a.keep_rate is not None:
+        uncounted = uncounted_text(a)
         cards.append(_card("keep rate", f"{100 * a.keep_rate:.0f}%",
-                           f"{len(a.kept_candidates)} of {len(a.finished_candidates)} candidates"))
+                           f"{len(a.kept_candidates)} of {len(a.counted_candidates)} candidates"
+                           + (f"; not counted: {uncounted}" if uncounted else "")))
     if a.trials_per_hour is not None:
         cards.append(_card("pace", f"{a.trials_per_hour:.1f} trials/h", f"over {duration(a.span_seconds)}"))
     cards.append(_card(f"{a.accelerator}-hours", f"{a.compute_seconds / 3600:.2f}", "sum of trial wall times"))
     cards.append(_card("crashes", str(len(a.crashes)), f"{len(a.crash_groups())} kind(s)"))
+    speed = throughput(a)
+    if speed:
+        tokens, mfu, run = speed
+        cards.append(_card("throughput of the best", tokens, f"{mfu} · trial {run.id}"))
 
     plot = ""
     if png is not None and Path(png).is_file():
@@ -102,9 +120,9 @@ def render_html(a: Analysis, tests: list[TestResult], png: Path | None) -> str:
     kept = []
     for rank, k in enumerate(a.kept_changes, 1):
         t = k.trial
-        z = f", {k.z:.1f} SE" if k.z is not None else ""
         kept.append(
-            f"<li><b>{esc(signed(k.delta))}</b> bpb{esc(z)} — trial {t.id} <code>{esc(t.short_sha)}</code> "
+            f"<li><b>{esc(signed(k.delta))}</b> bpb{esc(effect_uncertainty(k))} — trial {t.id} "
+            f"<code>{esc(t.short_sha)}</code> "
             f"{esc(t.description)} <span class=muted>(val_bpb {bpb(k.mean)} "
             f"over {len(k.values)} run(s); best before "
             f"{bpb(k.mean_before)}; proposer {esc(t.proposer)})</span>"
@@ -121,10 +139,12 @@ def render_html(a: Analysis, tests: list[TestResult], png: Path | None) -> str:
 
     rows = []
     for t in a.trials:
-        delta = a.delta_of(t) if t.kind == "candidate" else None
+        delta = a.delta_of(t) if t.kind == Kind.CANDIDATE else None
         secs = (t.ended_at - t.started_at) if t.ended_at else None
         why = t.decision.get("why", "") if isinstance(t.decision, dict) else ""
-        note = t.reason or (why if why != t.kind else "")
+        note = reason_text(t) or (why if why != t.kind else "")
+        if not t.sandboxed:
+            note = f"[{UNSANDBOXED_NOTE}] {note}"
         rows.append(
             f"<tr><td class=num>{t.id}</td><td>{esc(t.kind)}</td><td><code>{esc(t.short_sha)}</code></td>"
             f'<td class="status {esc(t.status)}">{esc(t.status)}</td><td class=num>{bpb(t.val_bpb)}</td>'
@@ -141,13 +161,17 @@ def render_html(a: Analysis, tests: list[TestResult], png: Path | None) -> str:
 <div class="muted">workspace <code>{esc(a.ws.root)}</code> · branch <code>{esc(cfg.get('branch', '?'))}</code> ·
 profile <code>{esc(cfg.get('profile', '?'))}</code>{f' · budget {budget:g}s' if budget else ''} ·
 hardware {esc(a.hardware_text)} · generated {esc(time.strftime('%Y-%m-%d %H:%M:%S'))}</div>
+{f'<p class="warning"><b>Warning</b>: {esc(unsandboxed_text(a))}</p>' if a.unsandboxed else ''}
 <div class="cards">{''.join(cards)}</div>
 <h2>Progress</h2>
 {plot}
 <h2>Kept changes, by measured effect</h2>
-<p class="muted">Effect: mean val_bpb of the best before the change minus the change's own (positive is better),
-in bits per byte and in standard errors of that difference (σ·√(1/n<sub>before</sub> + 1/n<sub>change</sub>)).</p>
+<p class="muted">Effect: the gain the lab decided on, the mean val_bpb of the best the change was measured against
+minus the change's own (positive is better), in bits per byte, with the 95% interval its decision recorded (in older
+ledgers, its size in standard errors of that difference, σ·√(1/n<sub>before</sub> + 1/n<sub>change</sub>)).</p>
 {kept_html}
+<h2>Confirmation</h2>
+<ul>{''.join(f"<li>{esc(line[2:] if line.startswith('- ') else line)}</li>" for line in confirmation_lines(a))}</ul>
 <h2>Crashes, by reason</h2>
 {crash_html}
 <h2>All trials</h2>

@@ -1,10 +1,12 @@
 """progress.png: every trial's val_bpb against its trial number, the way a researcher reads a run.
 
-- every measured trial is a point: baseline seeds blue, discarded candidates grey, reruns and
-  drift checks as hollow markers, kept candidates green, larger, and labelled with their
-  description;
-- the running best (the value the next candidate has to beat) is a step line;
-- the noise band is the baseline mean +- 2 sigma, sigma being the spread of the baseline seeds;
+- every measured trial is a point: baseline seeds blue, discarded candidates grey, reruns, the
+  best or the baseline measured again (drift checks, confirmations) and ablations as hollow
+  markers, kept candidates green, larger, and labelled with their description;
+- the running best (the lab's best as it stood after each trial: the mean of the best commit's runs)
+  is a step line;
+- the noise band is the baseline mean +- 2 sigma, sigma being the lab's noise estimate (pooled over
+  every commit run more than once, lab.noise);
 - crashes have no val_bpb: they are red crosses on a row of their own along the bottom;
 - trials far worse than the baseline are clipped to the top edge (a triangle) so that the
   interesting range stays readable.
@@ -16,11 +18,17 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+from autoresearch.lab.outcomes import Kind, Status
+
 from .data import Analysis
 
 BAND_SIGMAS = 2.0
 COLORS = {"baseline": "#1f77b4", "keep": "#2ca02c", "discard": "#9e9e9e", "crash": "#d62728", "best": "#2ca02c",
-          "rerun": "#7f7f7f", "drift": "#9467bd", "band": "#1f77b4"}
+          Kind.RERUN: "#7f7f7f", Kind.DRIFT: "#9467bd", Kind.CONFIRM: "#9467bd", Kind.ABLATION: "#8c564b",
+          "band": "#1f77b4"}
+# Runs that decide nothing by themselves (a candidate's reruns, the best or the baseline measured again, the
+# best without one of its changes): hollow markers.
+HOLLOW = (Kind.RERUN, Kind.DRIFT, Kind.CONFIRM, Kind.ABLATION)
 
 
 def _limits(a: Analysis, values: list[float]) -> tuple[float, float]:
@@ -28,7 +36,7 @@ def _limits(a: Analysis, values: list[float]) -> tuple[float, float]:
     interesting = list(a.baseline_values) + [v for v in a.running_best.values() if v is not None]
     if a.sigma and a.baseline_mean is not None:
         interesting += [a.baseline_mean - BAND_SIGMAS * a.sigma, a.baseline_mean + BAND_SIGMAS * a.sigma]
-    interesting += [x.val_bpb for x in a.trials if x.status == "keep" and x.val_bpb is not None]
+    interesting += [x.val_bpb for x in a.trials if x.status == Status.KEEP and x.val_bpb is not None]
     if not interesting:
         interesting = values
     lo, hi = min(interesting + [min(values)]), max(interesting)
@@ -87,12 +95,12 @@ def render_progress(a: Analysis, path: Path, *, title: str | None = None, dpi: i
         off = x.val_bpb > top - 0.02 * span
         clipped += off
         marker = "^" if off else "o"
-        if x.kind == "baseline":
+        if x.kind == Kind.BASELINE:
             ax.scatter([x.id], [y], s=42, color=COLORS["baseline"], marker=marker, zorder=4, edgecolors="white", lw=0.6)
-        elif x.kind in ("rerun", "drift"):
-            color = COLORS["keep"] if (x.status == "keep" and x.kind == "rerun") else COLORS[x.kind]
+        elif x.kind in HOLLOW:
+            color = COLORS["keep"] if (x.status == Status.KEEP and x.kind == Kind.RERUN) else COLORS[x.kind]
             ax.scatter([x.id], [y], s=36, facecolors="none", edgecolors=color, marker=marker, lw=1.4, zorder=4)
-        elif x.status == "keep":
+        elif x.status == Status.KEEP:
             ax.scatter([x.id], [y], s=90, color=COLORS["keep"], marker=marker, zorder=5, edgecolors="black", lw=0.8)
         else:
             ax.scatter([x.id], [y], s=26, color=COLORS["discard"], marker=marker, zorder=3, alpha=0.9)
@@ -115,7 +123,7 @@ def render_progress(a: Analysis, path: Path, *, title: str | None = None, dpi: i
             note.remove()
         placed.append(box)
 
-    # crashes on a row of their own
+    # crashes on a row of their own (a stopped or lost trial is no crash: it is run again)
     crashes = [x.id for x in a.crashes]
     if crashes:
         ax.axhline(crash_y, color=COLORS["crash"], lw=0.5, alpha=0.3, zorder=1)
@@ -123,8 +131,8 @@ def render_progress(a: Analysis, path: Path, *, title: str | None = None, dpi: i
         ax.text(0.005, crash_y, " crashes", transform=ax.get_yaxis_transform(), va="bottom", ha="left",
                 fontsize=8, color=COLORS["crash"])
 
-    # the trial in flight
-    for x in a.running:
+    # the trial in flight (not a row a dead lab left running)
+    for x in a.live_running:
         ax.axvline(x.id, color="#ff9800", lw=1, ls=":", zorder=1)
 
     from matplotlib.ticker import MaxNLocator
@@ -133,18 +141,22 @@ def render_progress(a: Analysis, path: Path, *, title: str | None = None, dpi: i
     ax.set_xlabel("trial")
     ax.set_ylabel("val_bpb (lower is better)")
     ax.grid(True, alpha=0.25)
-    sig = f"{a.sigma:.2g}" if a.sigma else "n/a"
+    sig = f"{a.sigma:.2g}, {a.sigma_df} df" if a.sigma else "n/a"
     handles = [
         Line2D([], [], marker="o", ls="", color=COLORS["baseline"], label=f"baseline seeds ({len(a.baseline_values)})"),
         Line2D([], [], marker="o", ls="", color=COLORS["keep"], mec="black", ms=8,
                label=f"kept ({len(a.kept_candidates)})"),
         Line2D([], [], marker="o", ls="", color=COLORS["discard"],
-               label=f"discarded ({sum(x.kind == 'candidate' and x.status == 'discard' for x in a.trials)})"),
-        Line2D([], [], marker="o", ls="", mfc="none", color=COLORS["rerun"], label="rerun / drift check"),
+               label=f"discarded ({sum(x.kind == Kind.CANDIDATE and x.status == Status.DISCARD for x in a.trials)})"),
+        Line2D([], [], marker="o", ls="", mfc="none", color=COLORS[Kind.RERUN], label="rerun"),
+        Line2D([], [], marker="o", ls="", mfc="none", color=COLORS[Kind.DRIFT], label="best or baseline again"),
         Line2D([], [], color=COLORS["best"], lw=2, label="running best"),
         Patch(color=COLORS["band"], alpha=0.15, label=f"baseline mean ± {BAND_SIGMAS:g}σ (σ = {sig})"),
         Line2D([], [], marker="x", ls="", color=COLORS["crash"], label=f"crash ({len(a.crashes)})"),
     ]
+    if any(x.kind == Kind.ABLATION for x in measured):
+        handles.append(Line2D([], [], marker="o", ls="", mfc="none", color=COLORS[Kind.ABLATION],
+                              label="best without one kept change"))
     if clipped:
         handles.append(Line2D([], [], marker="^", ls="", color="#616161", label=f"off scale ({clipped})"))
     ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.9, ncol=2)

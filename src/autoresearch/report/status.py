@@ -18,9 +18,15 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .data import Analysis, ReportError, crash_group, duration, find_workspace, last_progress, load
+from autoresearch.lab.outcomes import Kind, Status
 
-STATUS_STYLE = {"keep": "bold green", "discard": "grey62", "crash": "bold red", "running": "bold yellow"}
+from .data import (UNSANDBOXED_NOTE, Analysis, ReportError, detectable_text, duration, find_workspace, last_progress,
+                   load, mfu_text, reason_text, sigma_text, unsandboxed_text)
+
+STATUS_STYLE = {Status.KEEP: "bold green", Status.DISCARD: "grey62", Status.CRASH: "bold red",
+                Status.RUNNING: "bold yellow", Status.STOPPED: "yellow", Status.LOST: "yellow", Status.EMPTY: "grey62"}
+# Trials that ended without a decision, listed with why.
+EXPLAINED = (Status.CRASH, Status.STOPPED, Status.LOST, Status.EMPTY)
 
 
 def _fmt(value, spec: str, missing: str = "-") -> str:
@@ -38,7 +44,7 @@ def current_lines(a: Analysis) -> list[Text]:
         lines.append(head)
         if t in a.stale_running:
             lines.append(Text(f"     no trial runs this long: the lab stopped during it (kill -9, a reboot?); "
-                              f"`autoresearch run {a.ws.root}` resumes and records it as interrupted", style="red"))
+                              f"`autoresearch run {a.ws.root}` resumes and records it", style="red"))
             continue
         point = last_progress(a.log_path(t))
         if point:
@@ -49,8 +55,7 @@ def current_lines(a: Analysis) -> list[Text]:
             parts.append(f"loss {_fmt(point.get('loss'), '.4f')}")
             if point.get("tok_per_s") is not None:
                 parts.append(f"{_fmt(point.get('tok_per_s'), ',.0f')} tok/s")
-            if point.get("mfu_pct") is not None:
-                parts.append(f"MFU {_fmt(point.get('mfu_pct'), '.1f')}%")
+            parts.append(f"MFU {mfu_text(point.get('mfu_pct'), a.on_cpu(t))}")
             if point.get("epoch") is not None:
                 parts.append(f"epoch {point.get('epoch')}")
             parts.append(f"{duration(left)} of training left" if isinstance(left, (int, float)) else "time left unknown")
@@ -69,29 +74,29 @@ def summary_lines(a: Analysis) -> list[Text]:
     if a.best_mean is not None:
         best = Text.assemble(("best ", "bold"), (f"{a.best_mean:.6f}", "bold green"),
                              f"  {(a.best_commit or '')[:7]} over {len(a.best_values)} run(s)")
-        if a.best_commit != a.baseline_commit and a.improvement is not None:
+        if not a.best_is_baseline and a.improvement is not None:
             se = a.improvement_se
             best.append(f"  ({a.improvement:+.6f} vs baseline" + (f", {a.improvement / se:.1f} SE)" if se else ")"))
         else:
             best.append("  (the baseline: nothing kept yet)", style="dim")
         lines.append(best)
     if a.baseline_values:
-        noise = (f"σ = {a.sigma:.6f} from {len(a.baseline_values)} baseline seeds" if a.sigma is not None
-                 else "σ unknown (a single baseline run)")
         lines.append(Text.assemble(("base ", "bold"), f"{a.baseline_mean:.6f}  over {len(a.baseline_values)} run(s)"))
-        lines.append(Text.assemble(("noise", "bold"), f" {noise}"))
     elif a.trials:
         lines.append(Text("no baseline has finished yet", style="dim"))
-    counts = a.counts()
-    tally = Text.assemble(("trials ", "bold"), f"{len(a.trials)}: ",
-                          (f"{counts['keep']} keep", STATUS_STYLE["keep"]), ", ",
-                          (f"{counts['discard']} discard", STATUS_STYLE["discard"]), ", ",
-                          (f"{counts['crash']} crash", STATUS_STYLE["crash"]))
-    if counts["running"]:
-        tally.append(", ")
-        tally.append(f"{counts['running']} running", STATUS_STYLE["running"])
+    if a.trials:
+        hidden = detectable_text(a, why=False)
+        lines.append(Text.assemble(("noise", "bold"), f" {sigma_text(a)}"))
+        if hidden:
+            lines.append(Text(f"      {hidden}", style="dim"))
+    if a.unsandboxed:
+        lines.append(Text(f"WARNING: {unsandboxed_text(a)}", style="bold red"))
+    tally = Text.assemble(("trials ", "bold"), f"{len(a.trials)}: ")
+    for n, (status, count) in enumerate(a.tally()):
+        tally.append(", " if n else "")
+        tally.append(f"{count} {status}", STATUS_STYLE[status])
     if a.keep_rate is not None:
-        tally.append(f"  · keep rate {100 * a.keep_rate:.0f}% of {len(a.finished_candidates)} candidates")
+        tally.append(f"  · keep rate {100 * a.keep_rate:.0f}% of {len(a.counted_candidates)} candidates")
     if a.trials_per_hour is not None:
         tally.append(f"  · {a.trials_per_hour:.1f}/h  · {a.compute_seconds / 3600:.2f} {a.accelerator}-h")
     lines.append(tally)
@@ -109,11 +114,12 @@ def trials_table(a: Analysis, last: int) -> Table:
     table.add_column("time", justify="right")
     table.add_column("description / reason", overflow="fold", min_width=24)
     for t in a.trials[-last:] if last > 0 else []:
-        delta = a.delta_of(t) if t.kind == "candidate" else None
+        delta = a.delta_of(t) if t.kind == Kind.CANDIDATE else None
         secs = (t.ended_at or a.read_at) - t.started_at if t.started_at else None
-        note = t.description
-        if t.status == "crash" and t.reason:
-            note += f"\n[{crash_group(t.reason)}] {t.reason[:160]}"
+        note = t.description + ("" if t.sandboxed else f"\n[{UNSANDBOXED_NOTE}]")
+        why = reason_text(t) if t.status in EXPLAINED else ""
+        if why:
+            note += f"\n{why[:180]}"
         delta_text = Text(f"{delta:+.6f}" if delta is not None else "",
                           style="green" if delta is not None and delta > 0 else "")
         table.add_row(str(t.id), t.kind, t.short_sha, Text(t.status, style=STATUS_STYLE.get(t.status, "")),

@@ -3,9 +3,15 @@ from __future__ import annotations
 
 import time
 
-from .data import Analysis, crash_detail, duration
+from autoresearch.lab.confirm import CONFIRMATION, Confirmation, summary
+from autoresearch.lab.ledger import Trial
+from autoresearch.lab.outcomes import Status
+from autoresearch.lab.sealed import Role
+
+from .data import (COUNTED, Analysis, KeptChange, crash_detail, detectable_text, duration, mfu_text, sigma_text,
+                   tokens_per_second, unsandboxed_text)
 from .plots import BAND_SIGMAS
-from .testeval import TestResult
+from .sealed_results import TestResult
 
 TERMINAL_DIFF_LINES = 30
 
@@ -18,58 +24,99 @@ def signed(value: float | None, digits: int = 6) -> str:
     return f"{value:+.{digits}f}" if value is not None else "-"
 
 
+def interval_text(low: float | None, high: float | None) -> str:
+    return f"95% interval {signed(low)} to {signed(high)}"
+
+
+def noise_line(a: Analysis) -> str:
+    """sigma with its df, and the smallest gain the rule can see at that noise."""
+    hidden = detectable_text(a)
+    return f"- **noise**: {sigma_text(a)}" + (f"; {hidden}" if hidden else "")
+
+
 def headline(a: Analysis) -> list[str]:
-    """Baseline, best, improvement and its uncertainty: the lines a reader wants first."""
-    lines = []
+    """Baseline, best, improvement and its uncertainty, and the noise: the lines a reader wants first."""
     if not a.baseline_values:
-        return ["No baseline has finished yet."]
+        return ["No baseline has finished yet.", noise_line(a)]
     n_b = len(a.baseline_values)
-    sig = f"σ = {a.sigma:.6f} (spread of the {n_b} baseline seeds)" if a.sigma is not None else \
-        "σ unknown (a single baseline run: no noise estimate)"
-    lines.append(f"- **baseline** `{(a.baseline_commit or '')[:7]}`: val_bpb **{bpb(a.baseline_mean)}** over {n_b} run(s); "
-                 f"noise floor {sig}")
-    if a.best_commit and a.best_commit != a.baseline_commit:
-        imp, se = a.improvement, a.improvement_se
+    lines = [f"- **baseline** `{(a.baseline_commit or '')[:7]}`: val_bpb **{bpb(a.baseline_mean)}** over {n_b} run(s)"]
+    if a.best_commit and not a.best_is_baseline:
+        imp, se, interval = a.improvement, a.improvement_se, a.improvement_interval
         rel = f" ({100 * imp / a.baseline_mean:.2f}%)" if imp is not None and a.baseline_mean else ""
-        unc = f" ± {se:.6f} (1 SE = σ·√(1/{n_b} + 1/{len(a.best_values)}); {imp / se:.1f} SE)" if se else \
-            " (uncertainty unknown: no σ)"
-        lines.append(f"- **best** `{a.best_commit[:7]}`: val_bpb **{bpb(a.best_mean)}** over {len(a.best_values)} run(s)")
+        unc = (f" ± {se:.6f} (1 SE = σ·√(1/{n_b} + 1/{len(a.best_values)}); {imp / se:.1f} SE)" if se else
+               " (uncertainty unknown: no σ)")
+        if interval is not None and interval.low is not None:
+            unc += f"; {interval_text(interval.low, interval.high)}"
+        lines.append(f"- **best** `{a.best_commit[:7]}`: val_bpb **{bpb(a.best_mean)}** over "
+                     f"{len(a.best_values)} run(s)")
         lines.append(f"- **improvement**: {signed(imp)} bpb{rel}{unc}")
     else:
         lines.append("- **best**: still the baseline (no change has been kept yet)")
+    lines.append(noise_line(a))
+    if a.unsandboxed:
+        lines.append(f"- **WARNING**: {unsandboxed_text(a)}")
     return lines
 
 
 def test_lines(results: list[TestResult]) -> list[str]:
     if not results:
-        return ["- sealed test: nothing to evaluate yet"]
+        return ["- sealed test: nothing to score yet"]
     lines = []
     by_role = {r.role: r for r in results}
     for r in results:
-        where = f" (trial {r.trial_id}; {r.note})" if r.note else ""
+        where = f" ({f'trial {r.trial_id}; ' if r.trial_id is not None else ''}{r.note})" if r.note else ""
         lines.append(f"- sealed test, {r.role} `{(r.commit or '')[:7]}`: "
                      f"{'**' + bpb(r.test_bpb) + '**' if r.test_bpb is not None else 'n/a'}{where}")
-    base, best = by_role.get("baseline"), by_role.get("best")
+    base, best = by_role.get(Role.BASELINE), by_role.get(Role.BEST)
     if base and best and base.test_bpb is not None and best.test_bpb is not None:
         lines.append(f"- sealed test improvement: {signed(base.test_bpb - best.test_bpb)} bpb "
                      "(one checkpoint each: no error bar; compare with the val improvement above)")
     return lines
 
 
+def uncounted_text(a: Analysis) -> str:
+    """The finished candidates the keep rate leaves out, in words (`1 stopped, 2 empty`), or '': stopped
+    or lost ones are run again, and an empty proposal tried nothing."""
+    left_out = [x.status for x in a.candidates if x.status not in COUNTED and x.status != Status.RUNNING]
+    return ", ".join(f"{left_out.count(s)} {s}" for s in Status if s in left_out)
+
+
+def throughput(a: Analysis) -> tuple[str, str, Trial] | None:
+    """How fast the best trains, from its latest kept run: (tokens/s, MFU, that run) in words."""
+    run = a.best_run
+    if run is None:
+        return None
+    speed = tokens_per_second(run)
+    return (f"{speed:,.0f} tokens/s" if speed else "tokens/s not recorded",
+            f"MFU {mfu_text(run.mfu_percent, a.on_cpu(run))}", run)
+
+
 def pace_lines(a: Analysis) -> list[str]:
-    counts, kinds = a.counts(), a.kinds()
+    kinds = a.kinds()
     kind_text = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
-    lines = [f"- trials: {len(a.trials)} ({kind_text}); status {counts['keep']} keep, {counts['discard']} discard, "
-             f"{counts['crash']} crash" + (f", {counts['running']} running" if counts["running"] else "")]
+    tally = ", ".join(f"{n} {status}" for status, n in a.tally())
+    lines = [f"- trials: {len(a.trials)} ({kind_text}); status {tally}"]
     if a.keep_rate is not None:
-        lines.append(f"- keep rate: {len(a.kept_candidates)}/{len(a.finished_candidates)} candidates "
-                     f"({100 * a.keep_rate:.0f}%)")
+        uncounted = uncounted_text(a)
+        lines.append(f"- keep rate: {len(a.kept_candidates)}/{len(a.counted_candidates)} candidates "
+                     f"({100 * a.keep_rate:.0f}%)" + (f"; not counted: {uncounted}" if uncounted else ""))
     if a.trials_per_hour is not None:
         lines.append(f"- pace: {a.trials_per_hour:.1f} trials per hour over {duration(a.span_seconds)}; "
                      f"{a.compute_seconds / 3600:.2f} {a.accelerator}-hours (sum of trial wall times: "
                      f"{duration(a.compute_seconds)})")
+    speed = throughput(a)
+    if speed:
+        tokens, mfu, run = speed
+        lines.append(f"- throughput of the best: {tokens}, {mfu} (trial {run.id})")
     lines.append(f"- hardware: {a.hardware_text}")
     return lines
+
+
+def effect_uncertainty(k: KeptChange) -> str:
+    """A kept change's uncertainty: the interval its decision recorded, else (older ledgers) its size in SE."""
+    if k.low is not None:
+        return f", {interval_text(k.low, k.high)}"
+    return f", {k.z:.1f} SE" if k.z is not None else ""
 
 
 def kept_lines(a: Analysis, max_diff_lines: int | None) -> list[str]:
@@ -78,8 +125,8 @@ def kept_lines(a: Analysis, max_diff_lines: int | None) -> list[str]:
     lines = []
     for rank, k in enumerate(a.kept_changes, 1):
         t = k.trial
-        z = f", {k.z:.1f} SE" if k.z is not None else ""
-        lines.append(f"{rank}. **{signed(k.delta)}** bpb{z} — trial {t.id} `{t.short_sha}` {t.description} "
+        lines.append(f"{rank}. **{signed(k.delta)}** bpb{effect_uncertainty(k)} — trial {t.id} `{t.short_sha}` "
+                     f"{t.description} "
                      f"(val_bpb {bpb(k.mean)} over {len(k.values)} run(s), "
                      f"best before {bpb(k.mean_before)})")
         diff = t.diff.rstrip("\n").splitlines()
@@ -108,6 +155,19 @@ def crash_lines(a: Analysis) -> list[str]:
     return lines
 
 
+def confirmation_lines(a: Analysis) -> list[str]:
+    """The last confirmation of the best against the baseline, and the ablation of its kept changes."""
+    stored = a.meta.get(CONFIRMATION)
+    if not isinstance(stored, dict):
+        return ["Not confirmed yet: `autoresearch confirm` runs the best and the baseline again under fresh seeds "
+                "(`run` does so itself when it stops after --max-trials or --max-hours)."]
+    try:
+        result = Confirmation.from_dict(stored)
+    except (KeyError, TypeError):
+        return ["The stored confirmation cannot be read (written by another version)."]
+    return [f"- {line.strip()}" for line in summary(result).splitlines()]
+
+
 def markdown(a: Analysis, tests: list[TestResult], *, max_diff_lines: int | None = None) -> str:
     cfg = a.ws.config
     budget = a.time_budget
@@ -126,10 +186,18 @@ def markdown(a: Analysis, tests: list[TestResult], *, max_diff_lines: int | None
            "",
            "## Kept changes, by measured effect",
            "",
-           "Effect = mean val_bpb of the best before the change minus the change's own (positive is better), "
-           "in bits per byte and in standard errors of that difference.",
+           "Effect = the gain the lab decided on: mean val_bpb of the best it was measured against minus the "
+           "change's own (positive is better), in bits per byte, with the 95% interval of its decision (in "
+           "older ledgers, its size in standard errors).",
            "",
            *kept_lines(a, max_diff_lines),
+           "",
+           "## Confirmation",
+           "",
+           "The best and the baseline run again under seeds neither had run; the gain from those runs alone, and the "
+           "best with each kept change undone alone (positive: the change helps).",
+           "",
+           *confirmation_lines(a),
            "",
            "## Crashes, by reason",
            *crash_lines(a),

@@ -1,14 +1,18 @@
 """
 train.py: the research surface of autoresearch. Change anything in it.
 
-A GPT trained with MuonAdamW for a fixed wall-clock budget, then scored by the harness in bits per
-byte on the fixed validation rows (val_bpb, lower is better). `python train.py` runs it; the lab
-chooses the profile, data, device and output folder through the environment, never through flags.
+A GPT trained with MuonAdamW for a fixed wall-clock budget; the lab then scores the checkpoint in
+bits per byte on the fixed validation rows (val_bpb, lower is better) and prints the summary.
+`python train.py` runs it by hand; the lab runs it in a sandbox and chooses the profile, data,
+device and seed, never through flags.
 
-Keep three things working, because the lab relies on them:
-  - `build_model(config)`: the lab rebuilds the model from checkpoint.pt with it, in another process;
-  - `model(inputs)` returns fp32 logits (B, T, vocab) for int64 inputs (B, T), and never sees targets;
-  - the summary block printed at the end (after a line `---`), and run.write_result(...).
+What the lab relies on, and nothing else:
+  - data comes from `run.train_loader(...)`: random rows to warm up on, training rows once
+    `run.training_started()` is called, which starts the lab's clock;
+  - `run.save_checkpoint(model, config, ...)` hands the weights in, which stops the clock;
+  - `build_model(config)` rebuilds the model from that config, in another sandbox, for scoring;
+  - `model(inputs)` returns logits (B, T, vocab) for int64 inputs (B, T), and never sees targets;
+  - the training runs under `if __name__ == "__main__":`.
 """
 import os
 
@@ -17,7 +21,6 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import contextlib
 import gc
 import math
-import sys
 import time
 
 import torch
@@ -36,7 +39,7 @@ ASPECT_RATIO = 64  # model width per block of depth
 HEAD_DIM = 128  # channels per attention head
 N_KV_HEAD = 0  # key/value heads for grouped-query attention; 0 = one per query head
 WINDOW_PATTERN = "SSSL"  # attention window per layer, cycled: S = half the context, L = all; last layer is L
-TOTAL_BATCH_SIZE = 524288  # tokens per optimizer step (2**19)
+TOTAL_BATCH_SIZE = 524288  # tokens per optimizer step
 DEVICE_BATCH_SIZE = 128  # rows per forward/backward pass; lower it if memory runs out
 EMBEDDING_LR = 0.6  # AdamW, token and value embeddings
 UNEMBEDDING_LR = 0.004  # AdamW, the output head
@@ -52,19 +55,8 @@ SEED = 42  # model initialisation and data order
 SOFTCAP = 15.0  # logits = SOFTCAP * tanh(logits / SOFTCAP), in fp32
 VE_GATE_CHANNELS = 32  # input channels of the value-embedding gate
 ROPE_BASE = 10000.0
-LOG_EVERY_S = 5.0  # seconds between progress lines (the warm-up steps are all printed)
-EVAL_BATCH_TOKENS = 65536  # at most this many tokens per evaluation batch (the metric does not depend on it)
-
-# Dense bf16 peak FLOP/s by device name, for MFU. Unknown devices report 0.
-PEAK_FLOPS = [  # (substrings of torch.cuda.get_device_name(), FLOP/s), first match wins
-    (("H100", "PCIe"), 756e12),
-    (("H100",), 989.5e12),
-    (("H200",), 989.5e12),
-    (("A100",), 312e12),
-    (("L40S",), 362e12),
-    (("4090",), 165.2e12),
-    (("3090",), 71e12),
-]
+WARMUP_STEPS = 3  # forward/backward passes on the lab's random rows before the clock: compilation
+LOG_EVERY_S = 5.0  # seconds between progress lines (the first steps are all printed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,11 +411,6 @@ def muon_momentum(step):
     return (1 - frac) * 0.85 + frac * 0.95
 
 
-def peak_flops(name):
-    """Dense bf16 FLOP/s of a CUDA device, by the name torch gives it; 0 when unknown."""
-    return next((flops for keys, flops in PEAK_FLOPS if all(k in name for k in keys)), 0.0)
-
-
 def cpu_has_bf16():
     """Whether this CPU multiplies bf16 natively (elsewhere bf16 is emulated, slower than fp32)."""
     try:
@@ -432,10 +419,6 @@ def cpu_has_bf16():
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-class TrainingFailed(Exception):
-    pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,8 +458,27 @@ def make_loss_fn(model, compiled, fused=False):
     return torch.compile(loss_fn, dynamic=False) if compiled else loss_fn
 
 
+def check_fused_loss(model, inputs, targets, autocast):
+    """The fused loss trains the function the lab scores, model(inputs), only if both are the head, soft
+    cap and cross-entropy of model.hidden(). Checked once before training, on a few rows, with the head's
+    weights made large for the check (at initialisation they are near zero, where any soft cap looks like
+    none), so that an edit of forward() is caught before it trains one function and is scored on another."""
+    head = model.lm_head.weight
+    saved = head.detach().clone()
+    with torch.no_grad(), autocast:
+        head.normal_(std=20 / head.size(1) ** 0.5)
+        logits = model(inputs)
+        plain = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        fused = softcap_loss.cross_entropy(model.hidden(inputs), head, targets, SOFTCAP).float()
+        head.copy_(saved)
+    if not torch.isclose(fused, plain, rtol=2e-2):
+        raise ValueError(f"the fused training loss ({fused.item():.4f}) is not the cross-entropy of model(inputs) "
+                         f"({plain.item():.4f}): forward() makes its logits otherwise than head, soft cap and "
+                         "cross-entropy of model.hidden(). Change the fused path in make_loss_fn to match, or "
+                         "train on the plain loss (make_loss_fn(..., fused=False)).")
+
+
 def main():
-    t_start = time.time()
     run = harness.start_run()
     device, T = run.device, run.seq_len
     cuda = device.type == "cuda"
@@ -487,32 +489,43 @@ def main():
         torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in fp32
     tokens_per_pass = DEVICE_BATCH_SIZE * T
     if TOTAL_BATCH_SIZE % tokens_per_pass:
-        raise TrainingFailed(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} must be a multiple of DEVICE_BATCH_SIZE * "
-                             f"seq_len = {DEVICE_BATCH_SIZE} * {T} = {tokens_per_pass}")
+        raise ValueError(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} must be a multiple of DEVICE_BATCH_SIZE * "
+                         f"seq_len = {DEVICE_BATCH_SIZE} * {T} = {tokens_per_pass}")
     grad_accum = TOTAL_BATCH_SIZE // tokens_per_pass
 
     config = model_config(run.vocab_size, T)
     with torch.device(device):
         model = build_model(config)
     num_params = sum(p.numel() for p in model.parameters())
-    flops, flops_exact = flops_per_token(model), flops_per_token(model, exact=True)
+    flops = flops_per_token(model)
     optimizer = setup_optimizer(model)
     autocast, attn_kernels, paths = setup_device(model, device)
     fused_loss = compiled and softcap_loss.available(device)
     train_loss = make_loss_fn(model, compiled, fused_loss)
-    loss_path = "fused" if fused_loss else "plain"
     loader = run.train_loader(DEVICE_BATCH_SIZE, seed)
-    peak = peak_flops(torch.cuda.get_device_name(device)) if cuda else 0.0  # no MFU on CPU or MPS: 0
+    peak = harness.peak_flops(harness.device_name(device))  # 0 where unknown: no MFU
     print(f"device={device} profile={run.profile.name} params={num_params:,} width={config['n_embd']} "
           f"heads={config['n_head']} kv_heads={config['n_kv_head']} windows={model.windows} attention={paths} "
-          f"loss={loss_path} "
-          f"grad_accum={grad_accum} budget_s={run.time_budget:g} flops_per_token={flops:.3e}", flush=True)
+          f"loss={'fused' if fused_loss else 'plain'} grad_accum={grad_accum} budget_s={run.time_budget:g} "
+          f"flops_per_token={flops:.3e}", flush=True)
 
-    uncounted = 3 if compiled else 2  # warm-up steps (compilation) kept out of the time budget
-    step, training_time, smooth_loss, last_log, counted_steps = 0, 0.0, 0.0, 0.0, 0
-    inputs, targets, epoch = next(loader)
-    t_train = time.time()
     with attn_kernels:
+        # Warm-up on the lab's random rows: compilation and allocation, before the clock; nothing is learnt.
+        inputs, targets, _ = next(loader)
+        if fused_loss:
+            check_fused_loss(model, inputs[:2], targets[:2], autocast)
+        for _ in range(WARMUP_STEPS if compiled else 1):
+            with autocast:
+                train_loss(inputs, targets).backward()
+        model.zero_grad(set_to_none=True)
+        gc.collect()  # everything allocated from now on lives until the end: stop the GC
+        gc.freeze()
+        gc.disable()
+        run.training_started()
+        t_train = time.time()  # the budget counts from here, on the lab's clock too, to the hand-in
+
+        step, training_time, smooth_loss, last_log = 0, 0.0, 0.0, 0.0
+        inputs, targets, epoch = next(loader)
         while True:
             t0 = time.time()
             for _ in range(grad_accum):
@@ -531,81 +544,30 @@ def main():
             model.zero_grad(set_to_none=True)
             loss_f = loss.item()  # waits for the device
             if not math.isfinite(loss_f) or loss_f > 100:
-                raise TrainingFailed(
+                raise harness.TrainingDiverged(
                     f"training loss is {loss_f} at step {step}: the run diverged. Lower the learning rates "
                     "(MATRIX_LR, EMBEDDING_LR, UNEMBEDDING_LR, SCALAR_LR), or undo the last change.")
             dt = time.time() - t0
-            if step >= uncounted:
-                training_time += dt
-                counted_steps += 1
-            if step == 0:  # everything allocated from now on lives until the end: stop the GC
-                gc.collect()
-                gc.freeze()
-                gc.disable()
+            training_time = time.time() - t_train
             step += 1
-            if step == uncounted:
-                run.training_started()  # tells the lab's clock that the budget counts from here
             smooth_loss = 0.9 * smooth_loss + 0.1 * loss_f
+            done = training_time + dt > run.time_budget  # another step would overrun it
             now = time.time()
-            done = step > uncounted and training_time + dt > run.time_budget  # another step would overrun it
-            if step <= uncounted or done or now - last_log >= LOG_EVERY_S:
+            if step <= 3 or done or now - last_log >= LOG_EVERY_S:
                 last_log = now
                 tok_s = TOTAL_BATCH_SIZE / dt
-                mfu = 100 * flops * tok_s / peak if peak else 0.0
                 print(f"train step={step} progress_pct={100 * progress:.1f} loss={smooth_loss / (1 - 0.9**step):.4f} "
-                      f"lrm={lrm:.3f} dt_ms={1000 * dt:.0f} tok_per_s={tok_s:.0f} mfu_pct={mfu:.1f} epoch={epoch} "
+                      f"lrm={lrm:.3f} dt_ms={1000 * dt:.0f} tok_per_s={tok_s:.0f} "
+                      f"mfu_pct={100 * flops * tok_s / peak if peak else 0.0:.1f} epoch={epoch} "
                       f"remaining_s={max(0.0, run.time_budget - training_time):.0f}", flush=True)
             if done:
                 break
-    warmup_seconds = now - t_train - training_time
 
-    # Save first, so that a crash in evaluation loses nothing; then let the harness score the model.
-    t_save = time.time()
-    run.save_checkpoint(model, config)
-    t_eval = time.time()
-    val_bpb = run.evaluate_bpb(model, max(1, min(DEVICE_BATCH_SIZE, EVAL_BATCH_TOKENS // T)))
-    eval_seconds = time.time() - t_eval
-    if cuda:
-        peak_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    elif device.type == "mps":
-        peak_mem_mb = torch.mps.driver_allocated_memory() / 2**20
-    else:
-        import resource
-
-        peak_mem_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    tok_s = TOTAL_BATCH_SIZE * counted_steps / max(training_time, 1e-9)
-    summary = dict(
-        val_bpb=val_bpb,
-        training_seconds=training_time,
-        total_seconds=time.time() - t_start,
-        peak_vram_mb=peak_mem_mb,
-        mfu_percent=100 * flops * tok_s / peak if peak else 0.0,
-        total_tokens_M=step * TOTAL_BATCH_SIZE / 1e6,
-        num_steps=step,
-        num_params_M=num_params / 1e6,
-        depth=DEPTH,
-    )
-    extra = dict(tokens_per_second=tok_s, mfu_exact_percent=100 * flops_exact * tok_s / peak if peak else 0.0,
-                 flops_per_token=flops, flops_per_token_exact=flops_exact, startup_seconds=t_train - t_start,
-                 warmup_seconds=warmup_seconds, checkpoint_seconds=t_eval - t_save,
-                 eval_seconds=eval_seconds, final_train_loss=smooth_loss / (1 - 0.9**step), epoch=epoch,
-                 attention=paths, loss=loss_path, seed=seed, config=config)
-    run.write_result({**summary, **extra})
-    formats = dict(val_bpb="{:.6f}", training_seconds="{:.1f}", total_seconds="{:.1f}", peak_vram_mb="{:.1f}",
-                   mfu_percent="{:.2f}", total_tokens_M="{:.1f}", num_steps="{}", num_params_M="{:.1f}", depth="{}")
-    print("---")
-    for key, fmt in formats.items():
-        print(f"{key + ':':<18}{fmt.format(summary[key])}")
+    # The clock stops when the weights reach the lab, which scores them and prints the summary.
+    run.save_checkpoint(model, config, num_steps=step, flops_per_token=flops, depth=DEPTH,
+                        final_train_loss=smooth_loss / (1 - 0.9**step), epoch=epoch, attention=paths,
+                        loss="fused" if fused_loss else "plain", seed=seed)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (TrainingFailed, harness.HarnessError) as e:
-        print(f"FAIL: {e}", flush=True)
-        sys.exit(1)
-    except torch.OutOfMemoryError:
-        print(f"FAIL: out of memory. Lower DEVICE_BATCH_SIZE (now {DEVICE_BATCH_SIZE}; it must still divide "
-              f"TOTAL_BATCH_SIZE / seq_len, and gradient accumulation keeps the step size), or make the model "
-              f"smaller (DEPTH, ASPECT_RATIO), or undo the last change.", flush=True)
-        sys.exit(1)
+    main()

@@ -7,7 +7,9 @@ const POLL_MS = 2000;
 const BAND_SIGMAS = 2;
 const SVGNS = "http://www.w3.org/2000/svg";
 const COLORS = { baseline: "#1f77b4", keep: "#2ca02c", discard: "#9e9e9e", crash: "#d62728", rerun: "#7f7f7f",
-                 drift: "#9467bd", running: "#ff9800" };
+                 drift: "#9467bd", confirm: "#9467bd", ablation: "#8c564b", running: "#ff9800" };
+// Runs that decide nothing by themselves (reruns, the best or the baseline again, ablations): hollow markers.
+const HOLLOW = new Set(["rerun", "drift", "confirm", "ablation"]);
 
 const state = { trialsStamp: null, trials: [], summary: null, current: null, seen: new Set(), first: true,
                 detailId: null };
@@ -27,6 +29,12 @@ function h(tag, attrs, text) {
   if (text !== undefined && text !== null) node.textContent = text;
   return node;
 }
+// MFU as people read it: a CPU has no peak to measure against, and 0 is what a trainer prints when it
+// does not know its device's peak; neither is a utilisation.
+const mfuText = (v, onCpu) => (onCpu || typeof v !== "number" || !isFinite(v) || v <= 0 ? "n/a" : v.toFixed(1) + "%");
+// Statuses that ended without a decision: their row shows why.
+const EXPLAINED = new Set(["crash", "stopped", "lost", "empty"]);
+const isRunning = (t) => t.status === "running" && !t.stale;  // a row a dead lab left is not running
 const fmt = (v, d = 6) => (v === null || v === undefined ? "-" : Number(v).toFixed(d));
 const signed = (v, d = 6) => (v === null || v === undefined ? "" : (v >= 0 ? "+" : "") + Number(v).toFixed(d));
 function duration(s) {
@@ -44,6 +52,18 @@ function niceTicks(lo, hi, count) {
   const step = [1, 2, 2.5, 5, 10].map((m) => m * mag).find((s) => s >= raw) || raw;
   const ticks = [];
   for (let t = Math.ceil(lo / step) * step; t <= hi + step * 1e-9; t += step) ticks.push(+t.toFixed(12));
+  return ticks;
+}
+// Ticks for an axis of whole numbers (steps, trial numbers): a whole stride of at least 1, so that no
+// two ticks round to the same label.
+function integerTicks(lo, hi, count) {
+  lo = Math.ceil(lo); hi = Math.floor(hi);
+  if (!(hi > lo)) return [lo];
+  const raw = Math.max(1, (hi - lo) / Math.max(1, count));
+  const mag = Math.pow(10, Math.floor(Math.log10(raw)));
+  const stride = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= raw);
+  const ticks = [];
+  for (let t = Math.ceil(lo / stride) * stride; t <= hi; t += stride) ticks.push(t);
   return ticks;
 }
 function decimalsFor(ticks) {
@@ -87,18 +107,27 @@ async function poll() {
       renderCards();
       renderTable();
       renderProgress();
-    } else if (state.trials.some((t) => t.status === "running")) {
+    } else if (state.trials.some(isRunning)) {
       renderTable();  // the running trial's clock
     }
     if (trials.stale) throw new Error(trials.stale);
     state.current = current;
     renderCurrent();
-    setLive("ok", "live · updated " + new Date().toLocaleTimeString());
+    setLive(...liveness(current));
   } catch (e) {
     setLive("error", "cannot read the run: " + e.message + " (retrying)");
   } finally {
     setTimeout(poll, POLL_MS);
   }
+}
+
+// The header's light: live only while a trial runs. Between trials, or with no loop at all, the run is
+// idle; a row that a dead lab left running is named, as the lab will record it when it resumes.
+function liveness(c) {
+  const at = " · updated " + new Date().toLocaleTimeString();
+  if (c.running) return ["running", `live · trial ${c.trial.id} running` + at];
+  if (c.stale.length) return ["stopped", `no trial running: the lab stopped during trial ${c.stale[c.stale.length - 1]}` + at];
+  return ["idle", "idle · no trial running" + at];
 }
 
 function setLive(kind, text) {
@@ -116,19 +145,27 @@ function renderHeader() {
   $("ledger-path").textContent = w.ledger;
 }
 
+const UNSANDBOXED_NOTE = "unsandboxed: its train.py could read the answers and the lab's files";
+
 function renderCards() {
   const s = state.summary;
   const cards = [];
+  const warning = $("unsandboxed");
+  warning.hidden = !s.unsandboxed;
+  warning.textContent = s.unsandboxed ? "Warning: " + s.unsandboxed : "";
   cards.push(["baseline", fmt(s.baseline_mean), s.baseline_n ? `${s.baseline_n} run(s)` : "not finished yet"]);
   cards.push(["best", fmt(s.best_mean), s.best_commit ? `${s.best_commit.slice(0, 7)} · ${s.best_n} run(s)` : ""]);
   if (s.improvement !== null && s.best_is_baseline === false) {
     cards.push(["improvement", signed(s.improvement), s.improvement_se ?
-      `± ${fmt(s.improvement_se)} (${(s.improvement / s.improvement_se).toFixed(1)} SE)` : "no noise estimate"]);
+      `± ${fmt(s.improvement_se)} (${(s.improvement / s.improvement_se).toFixed(1)} SE)` +
+      (s.improvement_low !== null ? ` · 95% interval ${signed(s.improvement_low)} to ${signed(s.improvement_high)}` : "")
+      : "no noise estimate"]);
   }
-  cards.push(["noise floor σ", s.sigma === null ? "-" : fmt(s.sigma), s.baseline_n ? `from ${s.baseline_n} baseline seed(s)` : ""]);
-  cards.push(["trials", String(s.total), `${s.counts.keep} keep · ${s.counts.discard} discard · ${s.counts.crash} crash`]);
+  // "noise", not "noise σ": the labels are upper-cased, and an upper-case σ is a sum.
+  cards.push(["noise", s.sigma === null ? "σ unknown" : "σ " + fmt(s.sigma), noiseText(s)]);
+  cards.push(["trials", String(s.total), s.tally.map(([status, n]) => `${n} ${status}`).join(" · ")]);
   cards.push(["keep rate", s.keep_rate === null ? "-" : Math.round(100 * s.keep_rate) + "%",
-              `${s.kept_candidates} of ${s.finished_candidates} candidates`]);
+              `${s.kept_candidates} of ${s.counted_candidates} candidates`]);
   cards.push(["pace", s.trials_per_hour === null ? "-" : s.trials_per_hour.toFixed(1) + "/h",
               `${s.compute_hours.toFixed(2)} ${s.accelerator}-hours`]);
   const box = $("cards");
@@ -137,6 +174,17 @@ function renderCards() {
     card.append(h("div", { class: "label" }, label), h("div", { class: "value" }, value), h("div", { class: "sub" }, sub));
     return card;
   }));
+}
+
+// sigma's degrees of freedom, and the smallest gain the rule can see at that noise (as the report says it).
+function noiseText(s) {
+  const since = s.noise_since ? ` since trial ${s.noise_since}` : "";
+  if (s.sigma === null) return `no commit has two runs${since || " yet"}`;
+  const base = `${s.sigma_df} df, pooled over every commit run more than once${since}`;
+  if (s.detectable_gain === null) return base;
+  if (s.detectable_gain === 0) return base + " · the rule keeps any gain that measures lower, lucky seeds included";
+  return base + ` · gains under ${Number(s.detectable_gain.toPrecision(4))} are invisible here (kept less than half ` +
+    `the time against a best of ${s.detect_against} runs): lengthen the budget or allow more runs`;
 }
 
 // --- the trial table -------------------------------------------------------------------------------
@@ -148,9 +196,11 @@ function renderTable() {
     if (!state.first && !state.seen.has(t.id)) tr.classList.add("new");
     const delta = h("td", { class: "num delta" + (t.delta > 0 ? " pos" : t.delta < 0 ? " neg" : "") }, signed(t.delta));
     const desc = h("td", {}, t.description);
-    const note = t.status === "crash" ? t.reason : (t.why && t.why !== t.kind ? t.why : "");
-    const seconds = t.status === "running" && state.now ? state.now - t.started_at : t.seconds;
+    const note = t.stale ? "left running by a lab that stopped during it; `autoresearch run` resumes and records it" :
+      EXPLAINED.has(t.status) ? (t.failure ? `[${t.failure}] ` : "") + t.reason : (t.why && t.why !== t.kind ? t.why : "");
+    const seconds = isRunning(t) && state.now ? state.now - t.started_at : t.stale ? null : t.seconds;
     if (note) desc.append(h("div", { class: "reason" }, note));
+    if (t.sandboxed === false) desc.append(h("div", { class: "reason unsandboxed" }, UNSANDBOXED_NOTE));
     const commit = h("td");
     commit.append(h("code", {}, t.commit));
     tr.append(h("td", { class: "num" }, String(t.id)), h("td", {}, t.kind), commit,
@@ -177,10 +227,11 @@ async function showDetail(id) {
     const facts = [`${t.kind} · ${t.status} · commit ${t.commit || "-"} · proposer ${t.proposer}`,
                    `val_bpb ${fmt(t.val_bpb)}` + (t.seed !== null ? ` · seed ${t.seed}` : "") +
                    (t.num_steps ? ` · ${t.num_steps} steps` : "") + (t.total_tokens_m ? ` · ${t.total_tokens_m}M tokens` : "") +
+                   (t.num_steps ? ` · MFU ${mfuText(t.mfu_percent, t.on_cpu)}` : "") +
                    (t.peak_vram_mb ? ` · ${(t.peak_vram_mb / 1024).toFixed(1)} GB peak` : "")];
     parts.push(h("p", {}, t.description));
     for (const f of facts) parts.push(h("div", { class: "muted" }, f));
-    if (t.reason) parts.push(h("p", { class: "reason" }, "reason: " + t.reason));
+    if (t.reason) parts.push(h("p", { class: "reason" }, "reason: " + (t.failure ? `[${t.failure}] ` : "") + t.reason));
     if (t.decision && t.decision.why) parts.push(h("p", { class: "reason" }, "decision: " + t.decision.why));
     if (t.diff) parts.push(diffBlock(t.diff));
     if (t.log_tail) {
@@ -194,16 +245,18 @@ async function showDetail(id) {
   }
 }
 
+// One line of text per diff line, as `git diff` prints it: the lines are joined by newlines in the text
+// and coloured ones are inline spans (see style.css), so the block reads and copies exactly as the diff.
 function diffBlock(diff) {
   const pre = h("pre", { class: "diff" });
-  for (const line of diff.replace(/\n$/, "").split("\n")) {
+  diff.replace(/\n$/, "").split("\n").forEach((line, i) => {
+    if (i) pre.append(document.createTextNode("\n"));
     let cls = "";
     if (line.startsWith("+") && !line.startsWith("+++")) cls = "add";
     else if (line.startsWith("-") && !line.startsWith("---")) cls = "del";
     else if (line.startsWith("@@")) cls = "hunk";
-    if (cls) pre.append(h("span", { class: cls }, line || " "));
-    else pre.append(document.createTextNode(line + "\n"));
-  }
+    pre.append(cls ? h("span", { class: cls }, line) : document.createTextNode(line));
+  });
   return pre;
 }
 
@@ -233,8 +286,8 @@ function renderProgress() {
     el("line", { x1: m.l, x2: W - m.r, y1: y(t), y2: y(t), class: "grid" }, svg);
     el("text", { x: m.l - 6, y: y(t) + 4, "text-anchor": "end" }, svg, t.toFixed(dec));
   }
-  for (const t of niceTicks(1, maxId, Math.min(maxId, 12)).filter((v) => Number.isInteger(v))) {
-    el("text", { x: x(t), y: H - m.b + 16, "text-anchor": "middle" }, svg, String(t));
+  for (const t of integerTicks(1, maxId, Math.min(maxId, 12))) {
+    el("text", { x: x(t), y: H - m.b + 16, "text-anchor": "middle", class: "x-tick" }, svg, String(t));
   }
   el("text", { x: W / 2, y: H - 3, "text-anchor": "middle" }, svg, "trial");
   el("text", { x: 12, y: H / 2, transform: `rotate(-90 12 ${H / 2})`, "text-anchor": "middle" }, svg, "val_bpb");
@@ -259,8 +312,9 @@ function renderProgress() {
   }
   if (d) el("path", { d: d + `H${x(maxId + 0.5)}`, fill: "none", stroke: COLORS.keep, "stroke-width": 2.2, id: "best-line" }, svg);
 
-  for (const t of trials.filter((q) => q.status === "running")) {
-    el("line", { x1: x(t.id), x2: x(t.id), y1: m.t, y2: H - m.b, stroke: COLORS.running, "stroke-dasharray": "3 3" }, svg);
+  for (const t of trials.filter(isRunning)) {
+    el("line", { x1: x(t.id), x2: x(t.id), y1: m.t, y2: H - m.b, stroke: COLORS.running, "stroke-dasharray": "3 3",
+                 class: "in-flight" }, svg);
   }
   const crashY = bottom + 0.04 * (top - bottom);
   const crashes = trials.filter((t) => t.status === "crash");
@@ -283,8 +337,8 @@ function renderProgress() {
     g.addEventListener("click", () => showDetail(t.id));
     let shape;
     if (t.kind === "baseline") shape = { r: 4.5, fill: COLORS.baseline, stroke: "#fff" };
-    else if (t.kind === "rerun" || t.kind === "drift") shape = { r: 4, fill: "none", "stroke-width": 1.6,
-      stroke: t.kind === "drift" ? COLORS.drift : (t.status === "keep" ? COLORS.keep : COLORS.rerun) };
+    else if (HOLLOW.has(t.kind)) shape = { r: 4, fill: "none", "stroke-width": 1.6,
+      stroke: t.kind !== "rerun" ? COLORS[t.kind] : (t.status === "keep" ? COLORS.keep : COLORS.rerun) };
     else if (t.status === "keep") shape = { r: 6.5, fill: COLORS.keep, stroke: "#000", "stroke-width": 0.8 };
     else shape = { r: 3.5, fill: COLORS.discard };
     if (off) el("path", { d: `M${cx},${cy - 5}L${cx + 5},${cy + 4}L${cx - 5},${cy + 4}Z`, fill: shape.fill === "none" ? COLORS.discard : shape.fill }, g);
@@ -302,27 +356,40 @@ function renderProgress() {
 function renderCurrent() {
   const c = state.current;
   const panel = $("current");
-  panel.dataset.running = c && c.running ? "true" : "false";
-  const t = c && c.trial;
-  const last = (c && c.last) || {};
-  if (!t) {
-    $("current-title").textContent = "Current trial";
-    $("current-meta").textContent = "no trial yet";
+  panel.dataset.running = c.running ? "true" : "false";
+  const t = c.trial;
+  const last = c.last || {};
+  if (c.running) {
+    $("current-title").textContent = "Running: trial " + t.id;
+    $("current-meta").textContent = `${t.kind} · ${t.description} · running for ${duration(c.now - t.started_at)}`;
+  } else if (t) {
+    $("current-title").textContent = "Last result: trial " + t.id;
+    $("current-meta").textContent = `${t.kind} · ${t.description} · ${t.status} ${fmt(t.val_bpb)}, took ${duration(t.seconds)}`;
   } else {
-    $("current-title").textContent = (c.running ? "Running: trial " : c.stale ? "Interrupted? trial " : "Last trial: ") + t.id;
-    const elapsed = c.running ? c.now - t.started_at : t.seconds;
-    $("current-meta").textContent = `${t.kind} · ${t.description} · ` +
-      (c.running ? `running for ${duration(elapsed)}` : c.stale ? "recorded as running long past any time limit: the lab " +
-        "stopped during it; `autoresearch run` resumes and records it" :
-        `${t.status}${t.val_bpb !== null ? " " + fmt(t.val_bpb) : ""}, took ${duration(elapsed)}`);
+    $("current-title").textContent = "Current trial";
+    $("current-meta").textContent = c.latest ? "no trial has a result yet" : "no trial yet";
   }
+  const note = $("current-note");
+  note.hidden = !c.latest;
+  note.textContent = c.latest ? `The latest trial, ${c.latest.id} (${c.latest.description}), ${endedWithout(c.latest)}` : "";
   $("current-step").textContent = last.step ?? "-";
   $("current-progress").textContent = last.progress_pct !== undefined && last.progress_pct !== null ? last.progress_pct.toFixed(1) + "%" : "-";
   $("current-loss").textContent = last.loss !== undefined && last.loss !== null ? last.loss.toFixed(4) : "-";
   $("current-tps").textContent = last.tok_per_s ? Math.round(last.tok_per_s).toLocaleString("en-US") : "-";
-  $("current-mfu").textContent = last.mfu_pct !== undefined && last.mfu_pct !== null ? last.mfu_pct.toFixed(1) + "%" : "-";
-  $("current-left").textContent = c && c.running && last.remaining_s !== undefined ? duration(last.remaining_s) : "-";
+  $("current-mfu").textContent = c.last ? mfuText(last.mfu_pct, c.on_cpu) : "-";
+  $("current-left").textContent = c.running && last.remaining_s !== undefined ? duration(last.remaining_s) : "-";
   renderLoss();
+}
+
+// How a trial ended without a result, in words.
+function endedWithout(t) {
+  if (t.status === "running") {
+    return "is recorded as running long past any time limit: the lab stopped during it; `autoresearch run` " +
+      "resumes and records it.";
+  }
+  const how = { crash: `crashed (${t.failure})`, stopped: "was stopped; it runs again when the loop resumes",
+                lost: "was lost with its machine; it runs again elsewhere", empty: "changed nothing" }[t.status] || t.status;
+  return how + (t.reason ? ": " + t.reason : ".");
 }
 
 function renderLoss() {
@@ -330,7 +397,10 @@ function renderLoss() {
   const [W, H] = sizeOf(svg);
   const c = state.current;
   const points = ((c && c.points) || []).filter((p) => p.loss !== null && p.loss !== undefined && isFinite(p.loss));
-  if (points.length < 1) return emptyChart(svg, W, H, c && c.trial ? "no progress lines in train.log yet" : "no trial yet");
+  if (points.length < 1) {
+    const why = !c ? "loading…" : c.trial ? "no progress lines in train.log yet" : c.latest ? "no trial has a result yet" : "no trial yet";
+    return emptyChart(svg, W, H, why);
+  }
   const m = { l: 54, r: 12, t: 10, b: 30 };
   const steps = points.map((p) => p.step), losses = points.map((p) => p.loss);
   const x0 = Math.min(...steps), x1 = Math.max(Math.max(...steps), x0 + 1);
@@ -345,7 +415,7 @@ function renderLoss() {
     el("line", { x1: m.l, x2: W - m.r, y1: y(t), y2: y(t), class: "grid" }, svg);
     el("text", { x: m.l - 6, y: y(t) + 4, "text-anchor": "end" }, svg, t.toFixed(dec));
   }
-  for (const t of niceTicks(x0, x1, 6)) el("text", { x: x(t), y: H - m.b + 15, "text-anchor": "middle" }, svg, String(Math.round(t)));
+  for (const t of integerTicks(x0, x1, 6)) el("text", { x: x(t), y: H - m.b + 15, "text-anchor": "middle", class: "x-tick" }, svg, String(t));
   el("text", { x: W / 2, y: H - 2, "text-anchor": "middle" }, svg, "step");
   el("line", { x1: m.l, x2: m.l, y1: m.t, y2: H - m.b, class: "axis" }, svg);
   el("line", { x1: m.l, x2: W - m.r, y1: H - m.b, y2: H - m.b, class: "axis" }, svg);
