@@ -176,14 +176,19 @@ def latency(out: Path, n_history: int = 50, n_measured: int = 10, seed: int = 0)
         c = {n: x.value for n, x in parse_constants((root / "train.py").read_text()).items()}
         value = 1.9 + 0.05 * abs(math.log(c["MATRIX_LR"] / 0.04)) + 0.01 * abs(c["DEPTH"] - 5) + rng.gauss(0, 0.003)
         status = "crash" if rng.random() < 0.1 else "discard"
-        return Trial(i, "candidate", None, None, "search", description, "", None, status, "", {},
-                     None if status == "crash" else value, {}, None, None, None, None, None, None, {}, {}, "", 0.0, None)
+        row = dict(id=i, kind="candidate", commit_sha=None, parent_sha=None, proposer="search", description=description,
+                   diff="", seed=None, status=status, failure="exit" if status == "crash" else None, reason="",
+                   decision={}, val_bpb=None if status == "crash" else value, trainer_summary={},
+                   training_seconds=None, total_seconds=None, total_tokens_m=None, num_steps=None, mfu_percent=None,
+                   peak_vram_mb=None, hardware={}, device_class=None, tokens_per_second=None, sandboxed=True,
+                   proposer_usage=dict(proposer.last_usage or {}), log_path="", started_at=0.0, ended_at=None)
+        return Trial(**row)
 
     t0 = time.perf_counter()
     proposer = SearchProposer.from_settings(root, {"seed": seed})
     cold_init = time.perf_counter() - t0
     history: list[Trial] = []
-    ctx = lambda: ProposalContext(root, ["train.py"], "cpu", 60.0, "0" * 40, 2.0, 0.01, history)
+    ctx = lambda: ProposalContext(root, ["train.py"], "cpu", 60.0, "0" * 40, 2.0, 0.01, history, seq_len=256)
     samples = []
     for i in range(1, n_history + n_measured + 1):
         (root / "train.py").write_text(original)  # the lab's reset to the best commit

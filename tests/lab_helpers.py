@@ -81,3 +81,17 @@ def ledger_row(id: int, **fields) -> Trial:
                mfu_percent=None, peak_vram_mb=None, hardware={}, device_class=None, tokens_per_second=None,
                sandboxed=True, proposer_usage={}, log_path="", started_at=0.0, ended_at=None)
     return Trial(**{**row, **fields})
+
+
+def trainer_processes(ws) -> list[int]:
+    """The processes of this workspace's trials still alive (they carry its trial token)."""
+    needle = f"AUTORESEARCH_TRIAL={ws.config['id']}:".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if any(v.startswith(needle) for v in (entry / "environ").read_bytes().split(b"\0")):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found

@@ -37,6 +37,7 @@ class Request:
     path: str
     headers: dict
     body: dict
+    at: float = field(default_factory=time.monotonic)  # when it arrived
 
 
 class _FakeAPI:

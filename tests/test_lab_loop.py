@@ -21,7 +21,7 @@ from autoresearch.lab.loop import Lab
 from autoresearch.lab.outcomes import Failure, Kind, Status
 from autoresearch.lab.proposer import Proposer, backoff_seconds, consecutive_failures
 from autoresearch.lab.workspace import git
-from lab_helpers import EDITS, TINY_TRAINER, ledger_row, make_repository, make_workspace
+from lab_helpers import EDITS, TINY_TRAINER, ledger_row, make_repository, make_workspace, trainer_processes
 from report_helpers import ledger_trials
 
 
@@ -192,19 +192,6 @@ def test_ctrl_c_kills_the_trial_in_flight_and_leaves_a_consistent_state(tmp_path
     assert git(ws.root, "status", "--porcelain") == ""
 
 
-def trainer_processes(ws) -> list[int]:
-    needle = f"AUTORESEARCH_TRIAL={ws.config['id']}:".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if any(v.startswith(needle) for v in (entry / "environ").read_bytes().split(b"\0")):
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
-
-
 def test_a_proposer_that_rewrites_the_record_is_caught_and_the_record_restored(tmp_path, cpu_prepared):
     import sqlite3
 
@@ -227,7 +214,7 @@ def test_a_proposer_that_rewrites_the_record_is_caught_and_the_record_restored(t
     baseline, forged = lab.ledger.trials()
     assert baseline.val_bpb > 1.0  # restored
     assert (forged.status, forged.failure) == (Status.CRASH, Failure.TAMPERING)
-    assert forged.reason == "tampering: the proposer wrote into the ledger; it was restored"
+    assert forged.reason == "tampering: the ledger was written while the proposer ran; it was restored"
 
 
 def test_failed_proposals_in_a_row_back_off_doubling_up_to_ten_minutes():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from autoresearch.lab.ledger import Ledger, Trial
-from autoresearch.lab.loop import Lab
+from autoresearch.lab.loop import Lab, slots_for
 from autoresearch.lab.outcomes import Kind
 from autoresearch.lab.outcomes import Status as TrialStatus
 from autoresearch.lab.proposer import ProposalContext
@@ -302,3 +302,25 @@ def test_the_loop_records_usage_goes_on_past_a_failed_proposal_and_honours_the_c
     assert "LR = 0.03" in good.diff
     # The second proposal was told about the first one's failure.
     assert "proposer error: the model's edits did not apply" in server.requests[2].body["messages"][1]["content"]
+
+
+def test_with_two_trial_slots_the_proposals_are_asked_at_once(tmp_path, cpu_prepared):
+    wider = (GOOD.replace("raise LR tenfold", "widen the model")
+             .replace("LR = 0.003  # Adam learning rate", "DIM = 32  # embedding width")
+             .replace("LR = 0.03  # Adam learning rate", "DIM = 48  # embedding width"))
+    ws = make_workspace(tmp_path / "ws", cpu_prepared, baseline_runs=1, rule="strict")
+    with FakeOpenAI([Sleep(1.5, GOOD), Sleep(1.5, wider)]) as server:
+        lab = Lab(ws, log=lambda msg: None, slots=slots_for(2))
+        try:
+            lab.run(proposer_for(server, ws.root), max_trials=2)
+        finally:
+            lab.close()
+    first, second = server.requests
+    assert second.at - first.at < 1.0  # the second was asked while the first was still being answered
+    candidates = [t for t in Ledger(ws.ledger_path).trials() if t.kind == Kind.CANDIDATE and not
+                  t.decision.get("reapplied_from")]
+    assert sorted(t.description for t in candidates) == ["raise LR tenfold", "widen the model"]
+    for t in candidates:  # each proposal's conversation is kept with its own trial
+        notes = ws.root / t.proposer_usage["notes"]
+        assert notes == ws.lab_dir / "proposals" / f"{t.id:05d}"
+        assert json.loads((notes / "transcript.json").read_text())["usage"]["requests"] == 1

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from autoresearch.lab import sandbox
+from autoresearch.lab import devices, sandbox
 from lab_helpers import alive
 
 
@@ -238,6 +238,18 @@ def test_the_gpus_it_was_given_are_reachable(box):
     assert (code, out.strip().splitlines()[-1]) == (0, "False"), out
 
 
+@pytest.mark.skipif(not devices.gpus() or devices.gpus()[0].uuid is None, reason="needs an NVIDIA GPU")
+def test_a_trial_slot_sees_only_its_own_gpu(box):
+    """A slot's sandbox binds only its GPU's device node and names the GPU by UUID: the others'
+    nodes are absent, so no setting of CUDA_VISIBLE_DEVICES inside could reach them."""
+    gpu = devices.gpus()[-1]
+    code, out = box("""
+        import glob, torch
+        print(sorted(glob.glob("/dev/nvidia[0-9]*")), torch.cuda.device_count(), torch.cuda.get_device_name(0))
+    """, gpus=True, gpu_minors=(gpu.minor,), env={"CUDA_VISIBLE_DEVICES": gpu.uuid}, timeout=300)
+    assert code == 0 and out.strip().splitlines()[-1] == f"['/dev/nvidia{gpu.minor}'] 1 {gpu.name}", out
+
+
 def test_memory_is_limited(box):
     code, out = box("""
         try:
@@ -334,7 +346,7 @@ def test_an_ordinary_user_gets_the_same_sandbox_where_user_namespaces_are_allowe
     script = textwrap.dedent(f"""
         import subprocess, sys
         from pathlib import Path
-        from autoresearch.lab import sandbox
+        from autoresearch.lab import devices, sandbox
         sandbox.check()
         spec = sandbox.Spec(cwd="/trial", writable={{"/trial": Path({str(work)!r}), "/tmp": Path({str(work)!r})}})
         proc = sandbox.start(spec, [sys.executable, "-c", "import os; print(os.path.exists('/root'), os.getpid())"],

@@ -10,6 +10,7 @@ import ast
 import difflib
 import re
 import time
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -38,14 +39,16 @@ def workspace(tmp_path: Path, text: str | None = None) -> Path:
 
 
 def context(root: Path, history: list[Trial] | None = None) -> ProposalContext:
-    return ProposalContext(root, ["train.py"], "cpu", 60.0, "0" * 40, 2.0, 0.01, history or [])
+    return ProposalContext(root, ["train.py"], "cpu", 60.0, "0" * 40, 2.0, 0.01, history or [], seq_len=256)
 
 
 def ledger_trial(id: int, description: str = "", status: str = "discard", val_bpb: float | None = 2.0,
-                 reason: str = "", values: list[float] | None = None) -> Trial:
+                 reason: str = "", values: list[float] | None = None, usage: dict | None = None) -> Trial:
+    """The row the lab records for a proposal: with `usage`, the proposer's last_usage, as the lab
+    stores it (that names the Optuna trial)."""
     decision = {"values": values} if values else {}
     return ledger_row(id, proposer="search", description=description, status=status, reason=reason,
-                      decision=decision, val_bpb=val_bpb)
+                      decision=decision, val_bpb=val_bpb, proposer_usage=dict(usage or {}))
 
 
 def changes(description: str) -> dict[str, tuple[str, str]]:
@@ -123,7 +126,7 @@ def test_an_edit_rewrites_only_the_chosen_values_and_keeps_comments(tmp_path):
             assert new_line.endswith(old_line[c.end:]) and "#" in old_line[c.end:]  # the comment stays
         assert len(original) - len(edited) == sum(len(o) - len(n) for o, n in changed.values())
         assert TOTAL_OK(after["TOTAL_BATCH_SIZE"].value, after["DEVICE_BATCH_SIZE"].value, 256)
-        proposer.tell(ledger_trial(10 + proposer.study.trials[-1].number, description))
+        proposer.tell(ledger_trial(10 + proposer.study.trials[-1].number, description, usage=proposer.last_usage))
 
 
 def TOTAL_OK(total: int, device: int, seq_len: int) -> bool:
@@ -150,7 +153,7 @@ def test_a_proposal_never_leaves_the_file_as_it_was(tmp_path):
         (root / "train.py").write_text(text)
         assert proposer.propose(context(root)) == 'W "L" -> "SL"'
         assert (root / "train.py").read_text() == 'A = 1  # not searched\nW = "SL"  # a pattern\n'
-        proposer.tell(ledger_trial(i + 1, status="discard", val_bpb=2.0))
+        proposer.tell(ledger_trial(i + 1, status="discard", val_bpb=2.0, usage=proposer.last_usage))
     (root / "train.py").write_text(text)
     stuck = SearchProposer.from_settings(root, {"space": {"W": {"choices": ["L"]}}})
     assert stuck.propose(context(root)) is None  # nothing can change: out of ideas
@@ -179,7 +182,7 @@ def test_overrides_set_ranges_and_include_and_exclude(tmp_path):
         assert values["WINDOW_PATTERN"] in ("L", "SSSL") and 0.9 <= values["ADAM_BETAS"][1] <= 0.99
         assert 2048 <= values["TOTAL_BATCH_SIZE"] <= 8192 and values["WEIGHT_DECAY"] == 0.2
         assert TOTAL_OK(values["TOTAL_BATCH_SIZE"], values["DEVICE_BATCH_SIZE"], 256)
-        proposer.tell(ledger_trial(i + 1, status="discard", val_bpb=2.0 + i))
+        proposer.tell(ledger_trial(i + 1, status="discard", val_bpb=2.0 + i, usage=proposer.last_usage))
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -222,7 +225,7 @@ def test_every_outcome_reaches_the_study(tmp_path):
         (root / "train.py").write_text(original)
         assert proposer.propose(context(root))
         assert proposer.last_usage["seconds"] < 1.0
-        proposer.tell(outcome)
+        proposer.tell(replace(outcome, proposer_usage=proposer.last_usage))
     trials = proposer.study.get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "FAIL"]
     assert [t.value for t in trials[:2]] == [pytest.approx(1.9), pytest.approx(2.2)]
@@ -241,12 +244,12 @@ def test_resume_continues_the_study_and_settles_what_was_left_open(tmp_path):
     first = SearchProposer.from_settings(root, {"seed": 2})
     for i in (1, 2):
         d = first.propose(context(root, history))
-        history.append(ledger_trial(i, d, status="discard", val_bpb=2.0 + i))
+        history.append(ledger_trial(i, d, status="discard", val_bpb=2.0 + i, usage=first.last_usage))
         first.tell(history[-1])
         (root / "train.py").write_text(original)
     # The lab dies twice: after recording trial 3 but before telling, and before trial 4 reached the ledger.
     d3 = first.propose(context(root, history))
-    history.append(ledger_trial(3, d3, status="keep", val_bpb=1.5))
+    history.append(ledger_trial(3, d3, status="keep", val_bpb=1.5, usage=first.last_usage))
     (root / "train.py").write_text(original)
     second = SearchProposer.from_settings(root, {"seed": 2})
     d4 = second.propose(context(root, history))  # settles trial 3 from the ledger first
@@ -269,7 +272,7 @@ def test_resume_continues_the_study_and_settles_what_was_left_open(tmp_path):
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3 + ["FAIL", "RUNNING"]
     assert trials[3].user_attrs["ledger_ids"] == [4] and trials[3].user_attrs["attempts"] == 2
     assert d5 and trials[4].user_attrs["attempts"] == 1
-    fourth.tell(ledger_trial(5, d5, status="discard", val_bpb=2.5))
+    fourth.tell(ledger_trial(5, d5, status="discard", val_bpb=2.5, usage=fourth.last_usage))
     assert fourth.study.get_trials()[4].state.name == "COMPLETE"
 
 

@@ -150,8 +150,10 @@ def test_status_works_without_a_terminal(research_workspace):
 
 
 def test_watch_redraws_until_interrupted(research_workspace):
+    # SIGINT as a terminal delivers it: a test run started in the background would hand it down ignored
     proc = subprocess.Popen([sys.executable, "-c", STATUS_IN_A_PROCESS, str(research_workspace), "--watch"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     watchdog = threading.Timer(60, proc.kill)  # a watch that never draws fails the test, not the whole run
     watchdog.start()
     seen = []

@@ -78,16 +78,26 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_lab(args: argparse.Namespace):
-    from .lab.loop import Lab
+def _open_lab(args: argparse.Namespace, parallel: bool = False):
+    """The lab for the workspace `args` name; with `parallel`, with the trial slots `run` asks for
+    (--parallel, else [run] parallel, else $AUTORESEARCH_PARALLEL, else every GPU or one CPU slot)."""
+    from .lab.loop import Lab, slots_for
     from .lab.workspace import Workspace
 
     ws = Workspace.open(Path(args.workspace) if args.workspace else None)
-    unsandboxed = args.unsandboxed or bool(ws.settings().get("run", {}).get("unsandboxed", False))
+    run_settings = ws.settings().get("run", {})
+    unsandboxed = args.unsandboxed or bool(run_settings.get("unsandboxed", False))
     if unsandboxed:
         print("autoresearch: WARNING: running unsandboxed, as asked: train.py can read the answers, the network and "
               "your files; every trial is marked unsandboxed in the record.", file=sys.stderr)
-    return Lab(ws, sandboxed=not unsandboxed)
+    slots = None
+    if parallel:
+        n = _first(args.parallel, run_settings.get("parallel"), os.environ.get("AUTORESEARCH_PARALLEL"))
+        try:
+            slots = slots_for(int(n) if n is not None else None)
+        except ValueError:
+            raise UserError(f"parallel must be a whole number of trial slots, got {n!r}") from None
+    return Lab(ws, sandboxed=not unsandboxed, slots=slots)
 
 
 def _stop_on_signals(lab) -> None:
@@ -112,19 +122,22 @@ def _show_progress(lab) -> threading.Thread | None:
     def watch():
         shown = ""
         while True:
-            current = lab.current
-            if current is None:
+            running = sorted(lab.running.items())
+            if not running:
                 if shown:
                     print("\r" + " " * len(shown) + "\r", end="", file=sys.stderr, flush=True)
                     shown = ""
                 time.sleep(0.5)
                 continue
-            trial_id, log = current
-            points = [p for p in map(parse_progress_line, (read_tail(log, 4096) or "").splitlines()) if p]
-            if points:
-                p = points[-1]
-                line = (f"  trial {trial_id}: step {p.get('step')}, loss {p.get('loss', float('nan')):.4f}, "
-                        f"{p.get('remaining_s', 0):.0f} s left")
+            parts = []
+            for _, (trial_id, log) in running:  # one part per slot with a trial in flight
+                points = [p for p in map(parse_progress_line, (read_tail(log, 4096) or "").splitlines()) if p]
+                if points:
+                    p = points[-1]
+                    parts.append(f"trial {trial_id}: step {p.get('step')}, loss {p.get('loss', float('nan')):.4f}, "
+                                 f"{p.get('remaining_s', 0):.0f} s left")
+            if parts:
+                line = "  " + " | ".join(parts)
                 print("\r" + line.ljust(len(shown)), end="", file=sys.stderr, flush=True)
                 shown = line
             time.sleep(1.0)
@@ -180,7 +193,7 @@ def _cmd_trial(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .proposers import make_proposer
 
-    lab = _open_lab(args)
+    lab = _open_lab(args, parallel=True)
     try:
         settings = lab.ws.settings()
         run_settings = settings.get("run", {})
@@ -200,6 +213,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         max_trials = _first(args.max_trials, os.environ.get("AUTORESEARCH_MAX_TRIALS"), run_settings.get("max_trials"))
         confirm_runs = _first(args.confirm_runs, os.environ.get("AUTORESEARCH_CONFIRM_RUNS"),
                               run_settings.get("confirm_runs"), 3)
+        if len(lab.slots) > 1:
+            print(f"autoresearch: {len(lab.slots)} trial slots: "
+                  + ", ".join(f"GPU {slot.gpus[0]}" if slot.gpus else f"{slot.threads} CPU threads" for slot in lab.slots))
         with lab.ws.lock("run"):
             lab.run(proposer, max_trials=int(max_trials) if max_trials is not None else None,
                     max_hours=args.max_hours if args.max_hours is not None else run_settings.get("max_hours"),
@@ -363,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-trials", type=int, help="stop after this many proposals (default: $AUTORESEARCH_MAX_TRIALS, "
                    "else [run] max_trials, else never)")
     p.add_argument("--max-hours", type=float, help="stop after this many hours")
+    p.add_argument("--parallel", type=int, metavar="N", help="run up to N trials at once, one per GPU (or, without "
+                   "a GPU, N CPU slots sharing its threads), each proposed in a git worktree of its own; the branch "
+                   "stays on the best (default: [run] parallel, else every GPU, else 1)")
     p.add_argument("--confirm-runs", type=int, help="after --max-trials or --max-hours: run the best and the baseline "
                    "this many times more under fresh seeds, and the best without each kept change once "
                    "(`autoresearch confirm`; default: [run] confirm_runs, else 3; 0: no confirmation)")

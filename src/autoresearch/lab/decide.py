@@ -466,12 +466,19 @@ def current_best(trials: Iterable, device_class: str | None = None, since: int =
     kept = [t for t in rows if t.status == Status.KEEP and t.kind in BEST_KINDS and t.commit_sha]
     if not kept:
         return None
-    commit = kept[-1].commit_sha
+    return best_of(rows, kept[-1].commit_sha, device_class, since)
+
+
+def best_of(trials: Iterable, commit: str, device_class: str | None = None, since: int = 0) -> Best:
+    """A commit that was (or is) the best, with its runs as current_best counts them: what a candidate
+    built on it is judged against, even after another candidate has been kept meanwhile."""
+    rows = sorted(trials, key=lambda t: t.id)
+    kept = [t.id for t in rows if t.status == Status.KEEP and t.kind in BEST_KINDS and t.commit_sha == commit]
     runs = [t for t in rows if t.commit_sha == commit and t.status == Status.KEEP and t.kind in VALUE_KINDS
             and t.val_bpb is not None and t.id >= since and (device_class is None or t.device_class == device_class)]
     samples = tuple(Sample(float(t.val_bpb), t.seed) for t in runs)
     fresh = tuple(Sample(float(t.val_bpb), t.seed) for t in runs if t.kind not in (Kind.CANDIDATE, Kind.RERUN))
-    return Best(commit, samples, fresh, kept[-1].id)
+    return Best(commit, samples, fresh, kept[-1] if kept else 0)
 
 
 def best_runs_missing(rule: DecisionRule, best: Best | None) -> int:

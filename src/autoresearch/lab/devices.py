@@ -20,6 +20,7 @@ class Gpu:
     name: str
     minor: int | None  # /dev/nvidia<minor>
     bus: str
+    uuid: str | None = None  # GPU-...: what CUDA_VISIBLE_DEVICES names it by, whichever nodes are bound
 
 
 def gpus() -> list[Gpu]:
@@ -37,7 +38,7 @@ def gpus() -> list[Gpu]:
             continue
         minor = info.get("Device Minor")
         found.append(Gpu(index, info.get("Model", "NVIDIA GPU"), int(minor) if minor and minor.isdigit() else None,
-                         folder.name))
+                         folder.name, info.get("GPU UUID") or None))
     return found
 
 

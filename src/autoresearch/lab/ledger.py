@@ -3,11 +3,19 @@
 SQLite in WAL mode, so a reader (status, report, dashboard) never blocks the loop. Rows are only
 ever added or completed, never deleted: a discarded trial's diff stays here after git forgets it.
 results.tsv is rewritten from the database after every change, in the reference's exact format.
+
+One Ledger is shared by the lab's threads (one per trial slot): every method holds its lock. It
+also knows the record as it last wrote it (a digest and an in-memory copy), so that a write by
+anyone else (an unsandboxed trainer, an agent with a shell) is found, undone, and reported by
+`untouched()`, however many trials the lab is running at the time.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,12 +153,38 @@ class Trial:
         return (self.commit_sha or "0000000")[:7]
 
 
+def _locked(method):
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
+def _writes(method):
+    """A write of the lab's: first the record is checked to be as the lab left it (else put back, and
+    the finding kept for `untouched`), then written, then remembered as the lab's."""
+    @functools.wraps(method)
+    def write(self, *args, **kwargs):
+        with self._lock:
+            self._check()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self._remember()
+    return write
+
+
 class Ledger:
     def __init__(self, path: Path, results_tsv: Path | None = None):
         self.path = Path(path)
         self.results_tsv = results_tsv
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self._lock = threading.RLock()
+        self._digest: str | None = None  # of the record as the lab last wrote it
+        self._copy: sqlite3.Connection | None = None  # ... and that record itself
+        self._tampered = False  # someone else wrote it since the last untouched()
+        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a finished trial survives a power cut
@@ -162,6 +196,7 @@ class Ledger:
             check_schema_version(version, self.path)
             if int(version) < SCHEMA_VERSION:
                 self._upgrade()
+        self._remember()
 
     def _upgrade(self) -> None:
         """Bring a ledger of an older schema up to this one, in one transaction: add the new columns and
@@ -182,18 +217,24 @@ class Ledger:
             self.db.execute("ROLLBACK")
             raise
 
+    @_locked
     def close(self) -> None:
         self.db.close()
+        if self._copy is not None:
+            self._copy.close()
 
     # --- meta: workspace-wide values such as the noise floor -----------------------------------
+    @_locked
     def get_meta(self, key: str, default=None):
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else default
 
+    @_writes
     def set_meta(self, key: str, value) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
 
     # --- trials ---------------------------------------------------------------------------------
+    @_writes
     def begin(self, *, kind: str, proposer: str, description: str, commit_sha: str | None,
               parent_sha: str | None, diff: str, seed: int | None) -> int:
         cur = self.db.execute(
@@ -205,6 +246,7 @@ class Ledger:
             self._write_tsv()
         return cur.lastrowid
 
+    @_writes
     def update(self, trial_id: int, **fields) -> None:
         for key in Trial._json_fields:
             if key in fields:
@@ -220,12 +262,14 @@ class Ledger:
         if "status" in fields or (row is not None and row["status"] != Status.RUNNING):  # else its line is absent
             self._write_tsv()
 
+    @_locked
     def trial(self, trial_id: int) -> Trial:
         row = self.db.execute("SELECT * FROM trials WHERE id = ?", (trial_id,)).fetchone()
         if row is None:
             raise KeyError(trial_id)
         return Trial.from_row(row)
 
+    @_locked
     def trials(self, *, kind: str | None = None, status: str | None = None) -> list[Trial]:
         query, args = "SELECT * FROM trials WHERE 1=1", []
         if kind:
@@ -234,21 +278,39 @@ class Ledger:
             query, args = query + " AND status = ?", [*args, status]
         return [Trial.from_row(r) for r in self.db.execute(query + " ORDER BY id", args)]
 
-    # --- guarding the record during a trial ------------------------------------------------------
+    # --- guarding the record ----------------------------------------------------------------------
+    @_locked
     def content(self) -> list:
-        """Every row of every table: what a trial must leave exactly as it found it."""
-        return [list(self.db.execute(f"SELECT * FROM {table} ORDER BY 1")) for table in ("meta", "trials")]
+        """Every row of every table: what nobody but the lab may change."""
+        return [list(map(tuple, self.db.execute(f"SELECT * FROM {table} ORDER BY 1"))) for table in ("meta", "trials")]
 
-    def snapshot(self) -> sqlite3.Connection:
-        copy = sqlite3.connect(":memory:")
+    def _fingerprint(self) -> str:
+        return hashlib.sha256(repr(self.content()).encode()).hexdigest()
+
+    def _remember(self) -> None:
+        self._digest = self._fingerprint()
+        copy = sqlite3.connect(":memory:", check_same_thread=False)
         self.db.backup(copy)
-        return copy
+        if self._copy is not None:
+            self._copy.close()
+        self._copy = copy
 
-    def restore(self, snapshot: sqlite3.Connection) -> None:
-        snapshot.backup(self.db)
-        self._write_tsv()
+    def _check(self) -> None:
+        if self._digest is not None and self._fingerprint() != self._digest:
+            self._copy.backup(self.db)
+            self._write_tsv()
+            self._tampered = True
+
+    @_locked
+    def untouched(self) -> bool:
+        """Whether the record is as the lab last wrote it, and has been since the last call. If not, it
+        has been put back as the lab wrote it, and the answer is False (once)."""
+        self._check()
+        tampered, self._tampered = self._tampered, False
+        return not tampered
 
     # --- results.tsv ----------------------------------------------------------------------------
+    @_locked
     def results_rows(self) -> list[str]:
         """One line per finished trial, in the reference's format, whose statuses are keep, discard and
         crash only: crash rows carry 0.000000 and 0.0, an empty proposal reads as a discard, and a trial
@@ -265,6 +327,7 @@ class Ledger:
             lines.append(f"{t.short_sha}\t{bpb:.6f}\t{mem:.1f}\t{status}\t{description}")
         return lines
 
+    @_locked
     def _write_tsv(self) -> None:
         if self.results_tsv is None:
             return

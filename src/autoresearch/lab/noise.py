@@ -36,7 +36,7 @@ from .outcomes import NamedValue, Status
 
 # Rows whose val_bpb is a measurement: decided trials, and a candidate's runs while its decision is
 # still open (those rows are `running` with a value). A crash or a stopped run measured nothing.
-MEASURED = frozenset({Status.KEEP, Status.DISCARD, Status.RUNNING})
+MEASURED = frozenset({Status.KEEP, Status.DISCARD, Status.RUNNING, Status.SUPERSEDED})
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class Measurement:
 
 def measurements(trials: Iterable) -> list[Measurement]:
     """The measurements among ledger rows (`ledger.Trial`), in id order: every row of a commit with a
-    val_bpb whose status is keep, discard or running."""
+    val_bpb whose status is keep, discard, superseded or running."""
     found = []
     for t in trials:
         if t.val_bpb is None or t.commit_sha is None or t.status not in MEASURED:

@@ -34,9 +34,13 @@ class Status(NamedValue):
     STOPPED = "stopped"  # the user (Ctrl-C) or the lab's own death stopped it; it is run again on resume
     EMPTY = "empty"  # the proposal changed nothing: recorded, not a candidate
     LOST = "lost"  # the machine running it went away; it is run again elsewhere
+    # It beat the best it was built on, but another candidate was kept meanwhile: its edit is applied
+    # onto the new best and measured there, as a candidate of its own, before anything is kept.
+    SUPERSEDED = "superseded"
 
 
-FINISHED = frozenset({Status.KEEP, Status.DISCARD, Status.CRASH, Status.STOPPED, Status.EMPTY, Status.LOST})
+FINISHED = frozenset({Status.KEEP, Status.DISCARD, Status.CRASH, Status.STOPPED, Status.EMPTY, Status.LOST,
+                      Status.SUPERSEDED})
 RUN_AGAIN = frozenset({Status.STOPPED, Status.LOST})  # no decision was made: the lab runs these again
 
 

@@ -82,7 +82,8 @@ class Spec:
     writable: dict[str, Path]  # inside -> host folder, read-write
     readable: dict[str, Path] = field(default_factory=dict)  # inside -> host file or folder, read-only
     env: dict[str, str] = field(default_factory=dict)
-    gpus: bool = False  # expose /dev/nvidia* (the lab sets CUDA_VISIBLE_DEVICES in env)
+    gpus: bool = False  # expose the NVIDIA control devices and the GPUs below (the lab sets CUDA_VISIBLE_DEVICES)
+    gpu_minors: tuple[int, ...] | None = None  # which /dev/nvidia<minor> GPUs; None: every one
     hidden: tuple[Path, ...] = ()  # host paths that must not show through a bound parent
     limits: Limits = field(default_factory=Limits)
     sandboxed: bool = True  # False: the user chose to run without a sandbox; paths are then the host's
@@ -126,8 +127,18 @@ def clean_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def gpu_devices() -> list[str]:
-    return sorted(str(p) for p in Path("/dev").glob("nvidia*") if not p.is_dir())
+def gpu_devices(minors: tuple[int, ...] | None = None) -> list[str]:
+    """The NVIDIA device nodes to bind: the control ones (nvidiactl, nvidia-uvm, ...) and the GPUs
+    numbered in `minors` (None: all), so that a trial slot cannot open another slot's GPU."""
+    found = []
+    for p in sorted(Path("/dev").glob("nvidia*")):
+        if p.is_dir():
+            continue
+        number = p.name[len("nvidia"):]
+        if number.isdigit() and minors is not None and int(number) not in minors:
+            continue
+        found.append(str(p))
+    return found
 
 
 def bwrap_args(spec: Spec, uid: int | None) -> list[str]:
@@ -166,7 +177,7 @@ def bwrap_args(spec: Spec, uid: int | None) -> list[str]:
     args += ["--proc", "/proc", "--ro-bind", "/proc/sys", "/proc/sys", "--dev", "/dev",
              "--perms", "1777", "--tmpfs", "/dev/shm"]
     if spec.gpus:
-        for dev in gpu_devices():
+        for dev in gpu_devices(spec.gpu_minors):
             args += ["--dev-bind", dev, dev]
         args += ["--ro-bind", "/sys", "/sys"]
     for inside, host in spec.readable.items():

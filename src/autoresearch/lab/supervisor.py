@@ -44,7 +44,7 @@ from autoresearch.harness import run as harness_run
 from autoresearch.harness import wire
 from autoresearch.harness.storage import atomic_path, write_json
 
-from . import sandbox
+from . import devices, sandbox
 from .outcomes import Failure
 
 SPEC_FILE = "spec.json"
@@ -205,9 +205,17 @@ class Supervisor:
 
     def _sandbox_spec(self, name: str, work: Path, tmp: Path, sock_dir: Path, readable: dict | None = None) -> sandbox.Spec:
         env = {wire.SOCKET_ENV: "/lab/lab.sock", wire.KEY_ENV: self.key}
+        minors = None
         if self.spec.gpus is not None:
+            # Only the slot's GPUs are bound into the sandbox, so they are named by UUID: CUDA's own
+            # numbering would depend on which device nodes it can open.
+            found = {g.index: g for g in devices.gpus()}
+            chosen = [found.get(i) for i in self.spec.gpus]
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # the order lab.devices numbers them in
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.spec.gpus))
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(g.uuid if g and g.uuid else str(i)
+                                                   for g, i in zip(chosen, self.spec.gpus))
+            if all(g is not None and g.minor is not None and g.uuid for g in chosen):
+                minors = tuple(g.minor for g in chosen)
         if self.spec.threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.spec.threads)
         if self.spec.token:
@@ -215,7 +223,8 @@ class Supervisor:
         limits = sandbox.Limits.default() if self.spec.memory_bytes is None else sandbox.Limits(self.spec.memory_bytes)
         limits.max_processes = self.spec.max_processes
         return sandbox.Spec(cwd="/trial", writable={"/trial": work, "/tmp": tmp}, readable={"/lab": sock_dir, **(readable or {})},
-                            env=env, gpus=self.spec.device == "cuda", limits=limits, sandboxed=self.spec.sandboxed,
+                            env=env, gpus=self.spec.device == "cuda", gpu_minors=minors, limits=limits,
+                            sandboxed=self.spec.sandboxed,
                             hidden=tuple(Path(p) for p in self.spec.hidden))
 
     def _socket_dir(self) -> Path:

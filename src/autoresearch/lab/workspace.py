@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -46,6 +47,7 @@ CONFIG_FILE = "config.json"
 SETTINGS_FILE = "autoresearch.toml"
 LOCK_FILE = "lock"
 REPORT_DIR = "report"  # under .autoresearch/: what `autoresearch report` writes
+WORKTREES_DIR = "worktrees"  # under .autoresearch/: slot-K, where trial slot K proposes
 GITIGNORE = f"results.tsv\n{LAB_DIR}/\n{SETTINGS_FILE}\n__pycache__/\nrun_output/\n"
 # Files git ignores (so that no reset of the branch touches them) but a proposal must still not change.
 WATCHED = (SETTINGS_FILE,)
@@ -78,8 +80,134 @@ def harness_fingerprint(profile_name: str, data: PreparedData) -> dict:
             **data.fingerprint(), "data_files": files}
 
 
+class Tree:
+    """A git working tree of the workspace's repository: the workspace's own, or a worktree of the
+    lab's where a trial slot proposes (Workspace.worktrees). What it does to files touches the
+    allowed files and, to undo a proposal, exactly the files that proposal changed."""
+
+    root: Path
+
+    @property
+    def allowed_files(self) -> list[str]:
+        raise NotImplementedError
+
+    def head(self) -> str:
+        return git(self.root, "rev-parse", "HEAD")
+
+    def show(self, commit: str, name: str) -> str:
+        """The file `name` as it is in `commit`."""
+        return git(self.root, "show", f"{commit}:{name}", strip=False)
+
+    def status(self) -> dict[str, str]:
+        """Tracked files that differ from HEAD and untracked files git does not ignore: {path: status}."""
+        out = git(self.root, "status", "--porcelain", "--untracked-files=all", "-z", strip=False)
+        names = {}
+        entries = iter(out.split("\0"))
+        for entry in entries:
+            if not entry:
+                continue
+            status, name = entry[:2], entry[3:]
+            names[name] = status
+            if "R" in status or "C" in status:
+                next(entries, None)  # the rename's source follows
+        return names
+
+    def changed_files(self) -> list[str]:
+        return sorted(self.status())
+
+    def snapshot(self) -> dict[str, bytes | None]:
+        """The content of every file that differs from HEAD, and of the WATCHED ones (None: absent), to
+        tell afterwards what a proposal changed, and to put back exactly that."""
+        out = {}
+        for name in [*self.status(), *WATCHED]:
+            path = self.root / name
+            out[name] = path.read_bytes() if path.is_file() else None
+        return out
+
+    def changed_since(self, before: dict[str, bytes | None]) -> list[str]:
+        """Files whose content is not what `before` (a snapshot) says, files that differed from HEAD then
+        and that no longer do included."""
+        now = self.status()
+        changed = []
+        for name in set(now) | set(before) | set(WATCHED):
+            path = self.root / name
+            content = path.read_bytes() if path.is_file() else None
+            if name in before:
+                if content != before[name]:
+                    changed.append(name)
+            elif name in now:
+                changed.append(name)
+        return sorted(changed)
+
+    def restore(self, before: dict[str, bytes | None], names: list[str]) -> None:
+        """Put `names` back as `before` has them, or as HEAD has them where `before` does not list them."""
+        for name in names:
+            path = self.root / name
+            if name in before:
+                if before[name] is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(before[name])
+            elif self._tracked(name):
+                git(self.root, "checkout", "HEAD", "--", name)
+            else:
+                path.unlink(missing_ok=True)  # made by the proposal: it did not exist before
+
+    def _tracked(self, name: str) -> bool:
+        return subprocess.run(["git", "cat-file", "-e", f"HEAD:{name}"], cwd=self.root, capture_output=True).returncode == 0
+
+    def commit(self, files: list[str], message: str) -> str:
+        git(self.root, "add", "--", *files)
+        git(self.root, "commit", "-q", "--no-verify", "-m", message, "--", *files)
+        return self.head()
+
+    def diff(self, parent: str, child: str) -> str:
+        return git(self.root, "diff", parent, child)
+
+    def working_diff(self, names: list[str]) -> str:
+        """The diff of `names` against HEAD, new files included."""
+        parts = []
+        for name in names:
+            if self._tracked(name):
+                parts.append(git(self.root, "diff", "HEAD", "--", name))
+            elif (self.root / name).is_file():
+                parts.append(git(self.root, "diff", "--no-index", "/dev/null", name, check=False))
+        return "\n".join(p for p in parts if p)
+
+    def reset_to(self, sha: str) -> None:
+        """Point the branch at `sha` and put the allowed files as they are there. Nothing else is
+        touched: not other tracked files, not untracked or ignored ones."""
+        git(self.root, "reset", "-q", "--soft", sha)
+        allowed = [f for f in self.allowed_files if self._tracked(f)]
+        if allowed:
+            git(self.root, "checkout", sha, "--", *allowed)
+
+    def reapply(self, parent: str, child: str) -> bool:
+        """Apply the change from `parent` to `child` onto the working tree; False, with nothing changed,
+        where it does not apply. The changed lines go without context around them (as `without`
+        undoes one), so that an edit of one line applies beside a kept edit of the next."""
+        patch = git(self.root, "diff", "-U0", parent, child, strip=False)
+        proc = subprocess.run(["git", "apply", "--unidiff-zero", "--whitespace=nowarn", "-"], cwd=self.root,
+                              input=patch, text=True, capture_output=True)
+        return proc.returncode == 0
+
+
 @dataclass
-class Workspace:
+class Worktree(Tree):
+    """A detached worktree under .autoresearch/worktrees/: where one trial slot's proposals are made
+    and committed, beside the branch, which moves only when a change is kept."""
+
+    root: Path
+    allowed: list[str]
+
+    @property
+    def allowed_files(self) -> list[str]:
+        return list(self.allowed)
+
+
+@dataclass
+class Workspace(Tree):
     root: Path
     config: dict
 
@@ -183,6 +311,10 @@ class Workspace:
     @property
     def results_tsv(self) -> Path:
         return self.root / "results.tsv"
+
+    @property
+    def allowed_files(self) -> list[str]:
+        return list(self.config["allowed_files"])
 
     def trial_dir(self, trial_id: int) -> Path:
         return self.lab_dir / "trials" / f"{trial_id:05d}"
@@ -290,86 +422,12 @@ class Workspace:
                 return handle.read().strip() or "another process"
         return None
 
-    # --- git -------------------------------------------------------------------------------------
-    def head(self) -> str:
-        return git(self.root, "rev-parse", "HEAD")
-
-    def show(self, commit: str, name: str) -> str:
-        """The file `name` as it is in `commit`."""
-        return git(self.root, "show", f"{commit}:{name}", strip=False)
-
-    def status(self) -> dict[str, str]:
-        """Tracked files that differ from HEAD and untracked files git does not ignore: {path: status}."""
-        out = git(self.root, "status", "--porcelain", "--untracked-files=all", "-z", strip=False)
-        names = {}
-        entries = iter(out.split("\0"))
-        for entry in entries:
-            if not entry:
-                continue
-            status, name = entry[:2], entry[3:]
-            names[name] = status
-            if "R" in status or "C" in status:
-                next(entries, None)  # the rename's source follows
-        return names
-
-    def changed_files(self) -> list[str]:
-        return sorted(self.status())
-
+    # --- git beyond the working tree ------------------------------------------------------------
     def untracked_and_ignored(self) -> list[str]:
         """The person's files git does not track (untracked or ignored), the lab's own left out."""
         out = git(self.root, "status", "--porcelain", "--ignored", "--untracked-files=normal", "-z", strip=False)
         ours = {"results.tsv", f"{LAB_DIR}/", SETTINGS_FILE}
         return sorted(e[3:] for e in out.split("\0") if e[:2] in ("??", "!!") and e[3:] not in ours)
-
-    def snapshot(self) -> dict[str, bytes | None]:
-        """The content of every file that differs from HEAD, and of the WATCHED ones (None: absent), to
-        tell afterwards what a proposal changed, and to put back exactly that."""
-        out = {}
-        for name in [*self.status(), *WATCHED]:
-            path = self.root / name
-            out[name] = path.read_bytes() if path.is_file() else None
-        return out
-
-    def changed_since(self, before: dict[str, bytes | None]) -> list[str]:
-        """Files whose content is not what `before` (a snapshot) says, files that differed from HEAD then
-        and that no longer do included."""
-        now = self.status()
-        changed = []
-        for name in set(now) | set(before) | set(WATCHED):
-            path = self.root / name
-            content = path.read_bytes() if path.is_file() else None
-            if name in before:
-                if content != before[name]:
-                    changed.append(name)
-            elif name in now:
-                changed.append(name)
-        return sorted(changed)
-
-    def restore(self, before: dict[str, bytes | None], names: list[str]) -> None:
-        """Put `names` back as `before` has them, or as HEAD has them where `before` does not list them."""
-        for name in names:
-            path = self.root / name
-            if name in before:
-                if before[name] is None:
-                    path.unlink(missing_ok=True)
-                else:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_bytes(before[name])
-            elif self._tracked(name):
-                git(self.root, "checkout", "HEAD", "--", name)
-            else:
-                path.unlink(missing_ok=True)  # made by the proposal: it did not exist before
-
-    def _tracked(self, name: str) -> bool:
-        return subprocess.run(["git", "cat-file", "-e", f"HEAD:{name}"], cwd=self.root, capture_output=True).returncode == 0
-
-    def commit(self, files: list[str], message: str) -> str:
-        git(self.root, "add", "--", *files)
-        git(self.root, "commit", "-q", "--no-verify", "-m", message, "--", *files)
-        return self.head()
-
-    def diff(self, parent: str, child: str) -> str:
-        return git(self.root, "diff", parent, child)
 
     def subject(self, commit: str) -> str:
         """The first line of a commit's message: for a kept change, its description."""
@@ -405,20 +463,26 @@ class Workspace:
         git(self.root, "update-ref", f"refs/autoresearch/aside/{sha}", sha)
         return sha
 
-    def working_diff(self, names: list[str]) -> str:
-        """The diff of `names` against HEAD, new files included."""
-        parts = []
-        for name in names:
-            if self._tracked(name):
-                parts.append(git(self.root, "diff", "HEAD", "--", name))
-            elif (self.root / name).is_file():
-                parts.append(git(self.root, "diff", "--no-index", "/dev/null", name, check=False))
-        return "\n".join(p for p in parts if p)
-
-    def reset_to(self, sha: str) -> None:
-        """Point the branch at `sha` and put the allowed files as they are there. Nothing else is
-        touched: not other tracked files, not untracked or ignored ones."""
-        git(self.root, "reset", "-q", "--soft", sha)
-        allowed = [f for f in self.config["allowed_files"] if self._tracked(f)]
-        if allowed:
-            git(self.root, "checkout", sha, "--", *allowed)
+    # --- the lab's worktrees ------------------------------------------------------------------------
+    def worktrees(self, n: int, commit: str) -> list[Worktree]:
+        """Worktrees slot-0 .. slot-(n-1), detached at `commit`, one per trial slot. A worktree a lab
+        left (stopped, or killed mid-proposal) is reused: put back at `commit`, what a proposal left
+        in it removed, its ignored files (an agent's notes) kept. Registrations whose folder is gone
+        are pruned, so none is ever left orphaned."""
+        base = self.lab_dir / WORKTREES_DIR
+        base.mkdir(parents=True, exist_ok=True)
+        git(self.root, "worktree", "prune")
+        listed = git(self.root, "worktree", "list", "--porcelain")
+        registered = {Path(line[len("worktree "):]).resolve() for line in listed.splitlines()
+                      if line.startswith("worktree ")}
+        trees = []
+        for k in range(n):
+            path = (base / f"slot-{k}").resolve()
+            if path in registered and (path / ".git").exists():
+                git(path, "checkout", "-q", "-f", "--detach", commit)
+                git(path, "clean", "-q", "-f", "-d")  # untracked, not ignored: a dead proposal's
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+                git(self.root, "worktree", "add", "-q", "--detach", str(path), commit)
+            trees.append(Worktree(path, self.allowed_files))
+        return trees

@@ -5,10 +5,11 @@ the whole environment passed through (it needs its API key, unlike the trainer).
 protocol, the history and the task (prompt.py), edits train.py itself, and says what it did.
 
 Files of proposal N (N is the ledger id of the row that will record it) live in
-`.autoresearch/agent/N/`: `prompt.md`, the agent's `stdout.txt` and `stderr.txt`, and the
-`description.txt` it is asked to write. `.autoresearch/` is ignored by git, so none of this counts
-as an edit, and it is written before the trial starts, so the trial's tamper check (which watches
-`.autoresearch/` during training) is not involved.
+`.autoresearch/agent/N/` of the working tree the agent edits (the workspace, or with several trial
+slots its slot's worktree, since an agent's own sandbox may let it write only there): `prompt.md`,
+the agent's `stdout.txt` and `stderr.txt`, and the `description.txt` it is asked to write.
+`.autoresearch/` is ignored by git, so none of this counts as an edit. With several slots, one
+agent runs per slot at once, and each prompt lists what the others are trying (`ctx.in_flight`).
 
 The description is, in order of preference: the first line of that file; the last
 `DESCRIPTION: ...` line of the agent's final message (Codex writes it to a file), then of its
@@ -89,7 +90,7 @@ class AgentProposer(Proposer):
     failure_backoff: float = 60.0  # seconds; 0: never wait
     backoff_after: int = 3
     name: str = "agent"
-    last_usage: dict | None = None
+    concurrent = True  # one agent per slot, each in its slot's own worktree
 
     @classmethod
     def from_settings(cls, workspace: Path, settings: dict) -> "AgentProposer":

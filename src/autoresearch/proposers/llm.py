@@ -20,7 +20,11 @@ charged as full input tokens, so with prompt caching the estimate is an upper bo
 propose() returns None and the loop stops (`stop_reason` says why). A proposal whose retries reach
 the cap stops retrying.
 
-Each proposal's conversation is kept in `.autoresearch/llm/N.json` (N: the ledger row recording it).
+Each proposal's conversation is kept as `transcript.json` in the folder the lab gives it
+(`.autoresearch/proposals/N/`, N: the ledger row recording it), or, outside the loop, in
+`.autoresearch/llm/N.json`. Proposals are independent conversations, so with several trial slots
+they are asked at once (`concurrent`); the spend cap is then checked before each, and may be
+passed by the proposals already under way.
 """
 from __future__ import annotations
 
@@ -105,7 +109,7 @@ class LLMProposer(Proposer):
     failure_backoff: float = 60.0
     backoff_after: int = 3
     name: str = "llm"
-    last_usage: dict | None = None
+    concurrent = True  # each proposal is its own conversation: several may be asked at once
     stop_reason: str = ""
     _client: object = field(default=None, repr=False)
 
@@ -258,7 +262,8 @@ class LLMProposer(Proposer):
         self.last_usage = usage
         errors: list[str] = []
         started = time.monotonic()
-        transcript = Path(ctx.workspace) / LLM_DIR / f"{next_trial_id(ctx):05d}.json"
+        transcript = (ctx.scratch / "transcript.json" if ctx.scratch is not None
+                      else Path(ctx.workspace) / LLM_DIR / f"{next_trial_id(ctx):05d}.json")
         try:
             for attempt in range(1, self.edit_attempts + 1):
                 if attempt > 1 and self.max_cost is not None and spent + (usage["cost_usd"] or 0) >= self.max_cost:

@@ -144,10 +144,19 @@ def history_section(ctx: ProposalContext, recent: int = RECENT, older: int = OLD
     return "\n".join(out)
 
 
+def in_flight_section(ctx: ProposalContext) -> list[str]:
+    """What the lab's other trial slots are measuring now: ideas not to propose a second time."""
+    if not ctx.in_flight:
+        return []
+    lines = ["## Being tried right now", "", "Other experiments are running at the same time as yours. Do not "
+             "propose the same idea again; a different one, or one that combines well with them, is worth more:", ""]
+    return lines + [f"- {one_line(d, 160)}" for d in ctx.in_flight] + [""]
+
+
 def build_prompt(ctx: ProposalContext, task: str, *, train_source: str | None = None, recent: int = RECENT) -> str:
     """program.md, the history, the task and (for an LLM) the current train.py, as one text."""
     parts = ["# The research protocol (program.md)", "", protocol(ctx.workspace).strip(), "",
-             history_section(ctx, recent).strip(), "", task.strip()]
+             history_section(ctx, recent).strip(), "", *in_flight_section(ctx), task.strip()]
     if train_source is not None:
         parts += ["", "## The current train.py", "", "```python", train_source.rstrip("\n"), "```"]
     return "\n".join(parts) + "\n"

@@ -2,14 +2,16 @@
 
 The script is JSON: a list of {"description": "...", "replace": [[old, new], ...]} (exact text
 substitutions in train.py) or {"description": "...", "files": {"name": "whole new content"}}.
+The edits are handed out in order, once each, also to several trial slots at once; after a restart
+the list goes on after the edits the ledger already holds.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoresearch.lab.outcomes import RUN_AGAIN, Kind
+from autoresearch.lab.outcomes import RUN_AGAIN, Kind, Status
 from autoresearch.lab.proposer import ProposalContext, Proposer
 
 
@@ -17,6 +19,7 @@ from autoresearch.lab.proposer import ProposalContext, Proposer
 class ScriptedProposer(Proposer):
     edits: list[dict]
     name: str = "scripted"
+    handed_out: int | None = field(default=None, repr=False)  # edits proposed so far; None: count the ledger's
 
     @classmethod
     def from_file(cls, path: Path) -> "ScriptedProposer":
@@ -29,10 +32,13 @@ class ScriptedProposer(Proposer):
         return cls(edits)
 
     def propose(self, ctx: ProposalContext) -> str | None:
-        done = sum(1 for t in ctx.history if t.proposer == self.name and t.kind == Kind.CANDIDATE
-                   and t.status not in RUN_AGAIN)  # a stopped edit is run again by the lab, not proposed again
+        if self.handed_out is None:  # a stopped edit is run again by the lab, not proposed again
+            self.handed_out = sum(1 for t in ctx.history if t.proposer == self.name and t.kind == Kind.CANDIDATE
+                                  and t.status not in RUN_AGAIN and t.status != Status.SUPERSEDED)
+        done = self.handed_out
         if done >= len(self.edits):
             return None
+        self.handed_out += 1
         edit = self.edits[done]
         for name, content in edit.get("files", {}).items():
             target = ctx.workspace / name

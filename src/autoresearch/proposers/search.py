@@ -59,6 +59,7 @@ JOURNAL = "search.journal"  # in the workspace's .autoresearch/
 LAB_DIR = ".autoresearch"
 TRAIN = "train.py"
 MAX_ASKS = 5  # Optuna trials to ask for before giving up on finding any change at all
+USAGE_KEY = "search_trial"  # in a trial's proposer_usage: the Optuna trial it measured
 
 
 @dataclass
@@ -112,8 +113,7 @@ class SearchProposer(Proposer):
     def __init__(self, workspace: Path, settings: dict | SearchSettings | None = None):
         self.workspace = Path(workspace)
         self.settings = settings if isinstance(settings, SearchSettings) else SearchSettings.from_dict(settings)
-        self.train = self.workspace / TRAIN
-        constants = parse_constants(self.train.read_text())
+        constants = parse_constants((self.workspace / TRAIN).read_text())
         current = {name: c.value for name, c in constants.items()}
         build_space(current, self._space_settings())  # a bad [search] table fails here, before any file is made
 
@@ -146,13 +146,15 @@ class SearchProposer(Proposer):
         if self.settings.sampler == "random":
             self.study.sampler = optuna.samplers.RandomSampler(seed=sampler_seed)
         else:
+            # constant_liar: a trial still running counts as a bad result, so that proposals made
+            # while others are measured (several trial slots) spread out instead of piling up.
             self.study.sampler = optuna.samplers.TPESampler(
                 seed=sampler_seed, n_startup_trials=self.settings.n_startup_trials,
-                multivariate=self.settings.changes == (0, 0))
-        self._pending: int | None = None  # the Optuna trial whose outcome the next tell() brings
+                multivariate=self.settings.changes == (0, 0), constant_liar=True)
+        self._pending: int | None = None  # the Optuna trial the proposal under way has written
         self._retry: list[int] = []
         self._reconciled = False
-        self.last_usage: dict = {}
+        self.last_usage = {}
 
     @classmethod
     def from_settings(cls, workspace: Path, settings: dict | None = None) -> SearchProposer:
@@ -170,18 +172,22 @@ class SearchProposer(Proposer):
             self._reconcile(ctx)
             self._reconciled = True
         self.last_usage = {}
+        self._pending = None
         description = None
         after = max((t.id for t in ctx.history), default=0)
+        train = Path(ctx.workspace) / TRAIN
         while self._retry and description is None:
-            description = self._propose_again(self._retry.pop(0), after)
+            description = self._propose_again(train, self._retry.pop(0), after)
         if description is None:
-            description = self._propose_new(after, self._seq_len(ctx))
+            description = self._propose_new(train, after, self._seq_len(ctx))
         self.last_usage = {"seconds": round(time.perf_counter() - started, 4)}
+        if self._pending is not None:  # the lab records it with the trial, and tell() reads it back
+            self.last_usage[USAGE_KEY] = self._pending
         return description
 
     def tell(self, trial: Trial) -> None:
-        number, self._pending = self._pending, None
-        if number is None or self._state(number) != "RUNNING":
+        number = (trial.proposer_usage or {}).get(USAGE_KEY)
+        if not isinstance(number, int) or self._state(number) != "RUNNING":
             return
         if trial.status in RUN_AGAIN:
             self._note(number, trial)  # the lab is stopping: it runs this again when it goes on
@@ -242,19 +248,15 @@ class SearchProposer(Proposer):
 
     # --- proposing ------------------------------------------------------------------------------
     def _seq_len(self, ctx: ProposalContext) -> int | None:
-        if self.settings.seq_len:
-            return self.settings.seq_len
-        from autoresearch.harness.profiles import PROFILES  # light: a dataclass table
+        return self.settings.seq_len or ctx.seq_len
 
-        profile = PROFILES.get(getattr(ctx, "profile", None))
-        return profile.seq_len if profile else None
-
-    def _current(self):
-        text = self.train.read_text()
+    @staticmethod
+    def _current(train: Path):
+        text = train.read_text()
         constants = parse_constants(text)
         return text, constants, {name: c.value for name, c in constants.items()}
 
-    def _write(self, number: int, text: str, constants, edits: dict[str, Any], after: int,
+    def _write(self, train: Path, number: int, text: str, constants, edits: dict[str, Any], after: int,
                attempts: int) -> str | None:
         """Write the edit, record it on the Optuna trial; returns the description (None: no change)."""
         edits = {n: v for n, v in edits.items() if normalise(v) != constants[n].value}
@@ -268,26 +270,26 @@ class SearchProposer(Proposer):
         for key, value in (("description", description), ("after", after), ("attempts", attempts),
                            ("edits", {n: _jsonable(written[n].value) for n in edits}), ("point", point)):
             self.storage.set_trial_user_attr(tid, key, value)
-        self.train.write_text(new_text)
+        train.write_text(new_text)
         self._pending = number
         return description
 
-    def _propose_again(self, number: int, after: int) -> str | None:
+    def _propose_again(self, train: Path, number: int, after: int) -> str | None:
         attrs = self._attrs(number)
         attempts = attrs.get("attempts", 1)
         if attempts > self.settings.retries:
             self._fail(number, f"no outcome after {attempts} attempt(s) (the lab stopped during it)")
             return None
-        text, constants, _ = self._current()
+        text, constants, _ = self._current(train)
         edits = {n: tuple(v) if isinstance(v, list) else v for n, v in attrs.get("edits", {}).items()
                  if n in constants}
-        description = self._write(number, text, constants, edits, after, attempts + 1)
+        description = self._write(train, number, text, constants, edits, after, attempts + 1)
         if description is None:
             self._fail(number, "proposed again, its edit no longer changed train.py")
         return description
 
-    def _propose_new(self, after: int, seq_len: int | None) -> str | None:
-        text, constants, current = self._current()
+    def _propose_new(self, train: Path, after: int, seq_len: int | None) -> str | None:
+        text, constants, current = self._current(train)
         names = [n for n in self.space if n in constants]
         movable = [n for n in names if self.space[n].options() != 1]
         if not movable:
@@ -308,7 +310,7 @@ class SearchProposer(Proposer):
                 edits = {n: v for n, v in edits.items() if normalise(v) != current[n]}
                 if len(sampled) >= want and edits and self._key({**current, **edits}) not in tried:
                     break
-            description = self._write(trial.number, text, constants, edits, after, 1)
+            description = self._write(train, trial.number, text, constants, edits, after, 1)
             if description is not None:
                 self.storage.set_trial_user_attr(self._id(trial.number), "sampled",
                                                  {n: _jsonable(v) for n, v in sampled.items()})

@@ -294,7 +294,8 @@ COUNTED = frozenset({Status.KEEP, Status.DISCARD, Status.CRASH})
 DECIDED = frozenset({Status.KEEP, Status.DISCARD})
 # A tally of trials in words, in this order: the counted statuses always, then the trials that ended
 # otherwise and the one still running, where there are any.
-TALLY = (Status.KEEP, Status.DISCARD, Status.CRASH, Status.STOPPED, Status.LOST, Status.EMPTY, Status.RUNNING)
+TALLY = (Status.KEEP, Status.DISCARD, Status.CRASH, Status.STOPPED, Status.LOST, Status.EMPTY, Status.SUPERSEDED,
+         Status.RUNNING)
 
 
 def fmean(values):

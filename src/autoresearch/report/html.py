@@ -45,6 +45,7 @@ pre.diff .hunk { color: #6639ba; }
 .status { font-weight: 600; } .status.keep { color: var(--keep); } .status.discard { color: var(--discard); }
 .status.crash { color: var(--crash); } .status.running { color: #ff9800; }
 .status.stopped, .status.lost { color: #b26a00; } .status.empty { color: var(--discard); font-weight: 400; }
+.status.superseded { color: #00838f; }
 details summary { cursor: pointer; }
 li { margin: 4px 0; }
 .reason { color: var(--muted); font-size: 12px; }

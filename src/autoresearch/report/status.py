@@ -24,9 +24,10 @@ from .data import (UNSANDBOXED_NOTE, Analysis, ReportError, detectable_text, dur
                    load, mfu_text, reason_text, sigma_text, unsandboxed_text)
 
 STATUS_STYLE = {Status.KEEP: "bold green", Status.DISCARD: "grey62", Status.CRASH: "bold red",
-                Status.RUNNING: "bold yellow", Status.STOPPED: "yellow", Status.LOST: "yellow", Status.EMPTY: "grey62"}
-# Trials that ended without a decision, listed with why.
-EXPLAINED = (Status.CRASH, Status.STOPPED, Status.LOST, Status.EMPTY)
+                Status.RUNNING: "bold yellow", Status.STOPPED: "yellow", Status.LOST: "yellow", Status.EMPTY: "grey62",
+                Status.SUPERSEDED: "cyan"}
+# Trials that ended without a decision of their own, listed with why.
+EXPLAINED = (Status.CRASH, Status.STOPPED, Status.LOST, Status.EMPTY, Status.SUPERSEDED)
 
 
 def _fmt(value, spec: str, missing: str = "-") -> str:

@@ -33,7 +33,7 @@ function h(tag, attrs, text) {
 // does not know its device's peak; neither is a utilisation.
 const mfuText = (v, onCpu) => (onCpu || typeof v !== "number" || !isFinite(v) || v <= 0 ? "n/a" : v.toFixed(1) + "%");
 // Statuses that ended without a decision: their row shows why.
-const EXPLAINED = new Set(["crash", "stopped", "lost", "empty"]);
+const EXPLAINED = new Set(["crash", "stopped", "lost", "empty", "superseded"]);
 const isRunning = (t) => t.status === "running" && !t.stale;  // a row a dead lab left is not running
 const fmt = (v, d = 6) => (v === null || v === undefined ? "-" : Number(v).toFixed(d));
 const signed = (v, d = 6) => (v === null || v === undefined ? "" : (v >= 0 ? "+" : "") + Number(v).toFixed(d));
@@ -388,7 +388,9 @@ function endedWithout(t) {
       "resumes and records it.";
   }
   const how = { crash: `crashed (${t.failure})`, stopped: "was stopped; it runs again when the loop resumes",
-                lost: "was lost with its machine; it runs again elsewhere", empty: "changed nothing" }[t.status] || t.status;
+                lost: "was lost with its machine; it runs again elsewhere", empty: "changed nothing",
+                superseded: "was superseded: another change was kept while it ran, so its edit was measured again " +
+                            "on top of that one" }[t.status] || t.status;
   return how + (t.reason ? ": " + t.reason : ".");
 }
 
