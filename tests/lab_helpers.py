@@ -3,6 +3,7 @@ workspaces around it."""
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 
 import autoresearch
@@ -83,9 +84,9 @@ def ledger_row(id: int, **fields) -> Trial:
     return Trial(**{**row, **fields})
 
 
-def trainer_processes(ws) -> list[int]:
-    """The processes of this workspace's trials still alive (they carry its trial token)."""
-    needle = f"AUTORESEARCH_TRIAL={ws.config['id']}:".encode()
+def tagged_processes(tag: str) -> list[int]:
+    """The processes whose environment holds a variable that starts with `tag` ("NAME=value...")."""
+    needle = tag.encode()
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -94,4 +95,18 @@ def trainer_processes(ws) -> list[int]:
                     found.append(int(entry.name))
             except OSError:
                 pass
+    return found
+
+
+def trainer_processes(ws) -> list[int]:
+    """The processes of this workspace's trials still alive (they carry its trial token)."""
+    return tagged_processes(f"AUTORESEARCH_TRIAL={ws.config['id']}:")
+
+
+def survivors(ws, within: float = 15.0) -> list[int]:
+    """The workspace's trial processes still alive after up to `within` seconds. A dead lab's processes are
+    killed one after another down the chain, as each one's parent dies, which is not instant on a loaded host."""
+    deadline = time.monotonic() + within
+    while (found := trainer_processes(ws)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     return found

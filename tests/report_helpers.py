@@ -204,3 +204,73 @@ def browser():
         yield browser
         browser.close()
 
+
+
+# --- trial slots -----------------------------------------------------------------------------------------
+H100 = "NVIDIA H100 80GB HBM3"
+NODE_B = "8f14e45fceea167a5a36dedd4bea2543"  # a Ray node's id
+
+
+def slot_record(slot: int, started_at: float, *, device: str = "cuda", gpus: list[int] | None = None,
+                threads: int | None = None, executor: str = "local", node: str | None = None, host: str = "gpubox",
+                device_class: str = H100, lost: bool = False, lost_reason: str = "") -> dict:
+    """One entry of the ledger's meta `slots`, as the lab records a slot of its run (lab.loop)."""
+    return {"slot": slot, "device": device, "gpus": gpus, "threads": threads, "executor": executor, "node": node,
+            "host": host, "device_class": device_class, "lost": lost, "lost_reason": lost_reason,
+            "started_at": started_at}
+
+
+def record_slots(root: Path, slots: list[dict]) -> None:
+    from autoresearch.lab.loop import SLOTS
+
+    ledger = Ledger(root / ".autoresearch" / "ledger.db")
+    try:
+        ledger.set_meta(SLOTS, slots)
+    finally:
+        ledger.close()
+
+
+def add_slot_trial(root: Path, status: str, slot: int, started_at: float, ended_at: float | None = None, *,
+                   gpus: list[int] | None = None, device_class: str = H100, **fields) -> int:
+    """A trial the lab ran in `slot` at known times. Its row's hardware names the slot from the start; the
+    device it ran on once it is over (as lab.loop records them)."""
+    if status == Status.RUNNING:
+        hardware = {"slot": slot}
+    else:
+        hardware = {"device": "cuda", "class": device_class, "gpus": gpus, "threads": None, "slot": slot}
+        fields["ended_at"] = ended_at
+    if status in (Status.KEEP, Status.DISCARD):
+        fields.setdefault("val_bpb", 2.5)
+    fields.setdefault("sandboxed", True)
+    return add_trial(root, status, started_at=started_at, hardware=hardware, device_class=device_class, **fields)
+
+
+PROGRESS_340 = [f"train step={n} progress_pct={45 * n / 340:.1f} loss={4 - n / 340:.4f} lrm=1.000 dt_ms=12 "
+                f"tok_per_s=150000 mfu_pct=38.5 epoch=0 remaining_s={300 - 135 * n // 340}" for n in (100, 200, 340)]
+
+
+def two_slot_run(root: Path, start: float, *, lost: bool = False) -> dict[str, int]:
+    """A run of two GPU slots, at `start` plus known seconds:
+
+        slot 0, GPU 0 of this host:            a baseline 0-1200 s, a discarded candidate 1200-3000 s, and
+                                               a candidate running since 3000 s (at step 340, 45%)
+        slot 1, GPUs 0 and 1 of a Ray node:    a discarded candidate 600-2400 s, then nothing; with `lost`,
+                                               that trial was lost with its node, and the slot with it
+
+    Read at start + 3600 s: slot 0 busy 3600 s (100%), 1.0 GPU-hours, 2 trials finished (2 per hour);
+    slot 1 busy 1800 s (50%) on two GPUs, 1.0 GPU-hours, 1 trial (1 per hour). Returns the ids by role."""
+    lost_reason = "its machine (node-b) went away" if lost else ""
+    record_slots(root, [slot_record(0, start, gpus=[0]),
+                        slot_record(1, start, gpus=[0, 1], executor="ray", node=NODE_B, host="node-b",
+                                    device_class=f"2x {H100}", lost=lost, lost_reason=lost_reason)])
+    ids = {}
+    ids["baseline"] = add_slot_trial(root, Status.KEEP, 0, start, start + 1200, gpus=[0], kind=Kind.BASELINE,
+                                     description="baseline (seed 1)", val_bpb=2.6)
+    ids["other"] = add_slot_trial(root, Status.LOST if lost else Status.DISCARD, 1, start + 600, start + 2400,
+                                  gpus=[0, 1], device_class=f"2x {H100}", description="wider MLP",
+                                  **({"reason": "its machine went away during the trial"} if lost else {}))
+    ids["discarded"] = add_slot_trial(root, Status.DISCARD, 0, start + 1200, start + 3000, gpus=[0],
+                                      description="LR 0.003 -> 0.03")
+    ids["running"] = add_slot_trial(root, Status.RUNNING, 0, start + 3000, description="deeper model",
+                                    progress=PROGRESS_340)
+    return ids

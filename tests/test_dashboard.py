@@ -19,20 +19,39 @@ from collections import Counter
 import pytest
 
 from autoresearch.lab.outcomes import Kind, Status
+from lab_helpers import make_workspace
 from report_helpers import (  # noqa: F401 (browser: a fixture)
-    add_trial, browser, ledger_trials, running_trial_with_progress, scripted, set_budget, start_trial, wait_for)
+    NODE_B, add_trial, browser, ledger_trials, running_trial_with_progress, scripted, set_budget, start_trial,
+    two_slot_run, wait_for)
 
 
-@pytest.fixture
-def served(workspace_copy):
+def serving(root):
+    """The dashboard of `root` on a free port, serving in a thread until the generator is closed."""
     from autoresearch.report import make_server
 
-    server = make_server(workspace_copy, port=0)
+    server = make_server(root, port=0)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
     yield server
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def served(workspace_copy):
+    yield from serving(workspace_copy)
+
+
+@pytest.fixture
+def slotted(tmp_path, cpu_prepared):
+    """(a fresh workspace holding report_helpers.two_slot_run, begun an hour ago; the ids of its trials)."""
+    ws = make_workspace(tmp_path / "slotted", cpu_prepared)
+    return ws.root, two_slot_run(ws.root, time.time() - 3600)
+
+
+@pytest.fixture
+def served_slots(slotted):
+    yield from serving(slotted[0])
 
 
 def get(url: str, host: str | None = None):
@@ -116,6 +135,37 @@ def test_when_idle_the_current_trial_is_the_last_with_a_result_not_a_dead_one(se
     assert [t["stale"] for t in data["trials"]][-2:] == [False, True]
 
 
+def test_the_api_lists_every_slot_with_what_it_runs_and_its_share_of_the_run(served_slots, slotted):
+    """Two GPU slots, an hour into the run: slot 0 runs a trial (its latest progress point from its train.log),
+    slot 1 (a Ray node's two GPUs) is idle; each with the share of the run it was busy."""
+    _, ids = slotted
+    status, data = api(served_slots, "/api/slots")
+    assert status == 200 and data["shown"] is True and data["recorded"] is True
+    assert data["accelerator"] == "GPU" and data["device_hours"] == pytest.approx(2.0, abs=0.01)
+    assert data["busy_fraction"] == pytest.approx(0.75, abs=0.01) and data["span_seconds"] == pytest.approx(3600, abs=30)
+    zero, one = data["slots"]
+    assert {k: zero[k] for k in ("slot", "where", "device", "gpus", "executor", "node", "state", "finished")} == {
+        "slot": 0, "where": "GPU 0 (NVIDIA H100 80GB HBM3)", "device": "cuda", "gpus": [0], "executor": "local",
+        "node": None, "state": "running", "finished": 2}
+    assert (zero["trial"]["id"], zero["trial"]["description"], zero["trial"]["slot"]) == \
+        (ids["running"], "deeper model", 0)
+    assert zero["progress"] == {"step": 340, "progress_pct": 45.0, "loss": 3.0, "lrm": 1.0, "dt_ms": 12,
+                                "tok_per_s": 150000, "mfu_pct": 38.5, "epoch": 0, "remaining_s": 165}
+    assert zero["busy_fraction"] == pytest.approx(1.0) and zero["device_hours"] == pytest.approx(1.0, abs=0.01)
+    assert {k: one[k] for k in ("slot", "where", "gpus", "executor", "node", "host", "state", "trial", "progress")} == {
+        "slot": 1, "where": "GPUs 0, 1 (2x NVIDIA H100 80GB HBM3) on node-b", "gpus": [0, 1], "executor": "ray",
+        "node": NODE_B, "host": "node-b", "state": "idle", "trial": None, "progress": None}
+    assert one["busy_fraction"] == pytest.approx(0.5, abs=0.01) and one["trials_per_hour"] == pytest.approx(1.0, abs=0.01)
+    _, current = api(served_slots, "/api/current")
+    assert current["running"] is True and current["trial"]["id"] == ids["running"] and current["trial"]["slot"] == 0
+
+
+def test_a_ledger_of_one_slot_lists_it_without_showing_it(served):
+    _, data = api(served, "/api/slots")
+    assert data["shown"] is False and [s["slot"] for s in data["slots"]] == [0]
+    assert data["slots"][0]["state"] == "idle" and data["slots"][0]["device"] == "cpu"
+
+
 def test_the_server_answers_only_to_this_machine_and_serves_only_its_files(served):
     status, headers, _ = get(served.url)
     assert status == 200 and "default-src 'self'" in headers["Content-Security-Policy"]
@@ -182,6 +232,7 @@ def test_the_page_shows_the_run_and_follows_a_new_trial_live(browser, served, wo
     note = page.inner_text("#current-note")
     assert f"The latest trial, {crashes[-1].id} (divide by zero), crashed (exit)" in note and "ZeroDivisionError" in note
     assert page.inner_text("#current-mfu") == "n/a"  # a CPU has no MFU
+    assert page.locator("#slots").is_hidden()  # one slot: the current trial says it all
 
     # a click shows a trial's diff
     gain = scripted(trials, 0)
@@ -267,3 +318,35 @@ def test_an_unsandboxed_trial_is_marked_in_the_api(served, workspace_copy):
     row = next(t for t in data["trials"] if t["id"] == trial_id)
     assert row["sandboxed"] is False and all(t["sandboxed"] for t in data["trials"] if t["id"] != trial_id)
     assert "1 of" in data["summary"]["unsandboxed"] and "unsandboxed" in data["summary"]["unsandboxed"]
+
+
+def test_the_page_shows_every_slot_when_there_are_several(browser, served_slots, slotted):
+    root, ids = slotted
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    problems = []
+    page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.goto(served_slots.url)
+    page.wait_for_selector('#slots .slot[data-slot="1"]')
+    assert page.locator("#slots").is_visible()
+    assert [page.locator("#slots .slot").nth(i).get_attribute("data-state") for i in range(2)] == ["running", "idle"]
+    running = page.inner_text('#slots .slot[data-slot="0"]')
+    assert "GPU 0 (NVIDIA H100 80GB HBM3)" in running and "busy 100%" in running
+    assert f"running trial {ids['running']}: deeper model, 10m0" in running and "step 340 (45%)" in running
+    assert page.get_attribute('#slots .slot[data-slot="0"] progress', "value") == "45"
+    idle = page.inner_text('#slots .slot[data-slot="1"]')
+    assert "on node-b" in idle and "idle" in idle and "busy 50%" in idle
+    assert "2 slots · busy 75% of the run's 1h00m · 2.00 GPU-hours" in page.inner_text("#slots-meta")
+    assert f"trial {ids['running']} running" in page.inner_text("#live")
+
+    # its machine gone, the slot says so
+    from report_helpers import record_slots, slot_record
+
+    start = time.time() - 3600
+    record_slots(root, [slot_record(0, start, gpus=[0]),
+                        slot_record(1, start, gpus=[0, 1], executor="ray", node=NODE_B, host="node-b",
+                                    lost=True, lost_reason="its machine (node-b) went away")])
+    page.wait_for_selector('#slots .slot[data-slot="1"][data-state="lost"]', timeout=20000)
+    assert "lost: its machine (node-b) went away" in page.inner_text('#slots .slot[data-slot="1"]')
+    assert problems == []
+    page.close()

@@ -22,7 +22,7 @@ import pytest
 from autoresearch.lab.ledger import Ledger
 from autoresearch.lab.outcomes import Failure, Status
 from autoresearch.lab.workspace import git
-from lab_helpers import TINY_TRAINER, alive, make_workspace
+from lab_helpers import TINY_TRAINER, make_workspace
 from report_helpers import copy_workspace
 
 HAND_IN = "    run.save_checkpoint(model, config, num_steps=steps, depth=1)\n"

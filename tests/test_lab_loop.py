@@ -21,7 +21,7 @@ from autoresearch.lab.loop import Lab
 from autoresearch.lab.outcomes import Failure, Kind, Status
 from autoresearch.lab.proposer import Proposer, backoff_seconds, consecutive_failures
 from autoresearch.lab.workspace import git
-from lab_helpers import EDITS, TINY_TRAINER, ledger_row, make_repository, make_workspace, trainer_processes
+from lab_helpers import EDITS, TINY_TRAINER, ledger_row, make_repository, make_workspace, survivors, trainer_processes
 from report_helpers import ledger_trials
 
 
@@ -154,8 +154,7 @@ def test_resume_after_kill_9_in_the_middle_of_a_trial_loses_nothing(tmp_path, cp
 
     before = Ledger(ws.ledger_path).trials()
     assert [(t.id, t.status) for t in before] == [(1, "keep"), (2, "running")]
-    time.sleep(0.5)
-    assert not trainer_processes(ws), "the trainer outlived the lab"
+    assert not survivors(ws), "the trainer outlived the lab"
 
     proc = autoresearch("run", str(ws.root), "--script", str(script), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -299,7 +298,7 @@ def test_a_workspace_inside_a_repository_leaves_every_file_of_the_person_as_it_w
     assert lab.returncode == 0, err
     proc = autoresearch("run", str(repo), "--script", str(script), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "resuming: trial 2 was stopped, running it again" in proc.stdout
+    assert "trial 2 is run again: it was stopped" in proc.stdout
 
     trials = Ledger(ws.ledger_path).trials()
     assert [(t.kind, t.status) for t in trials] == [

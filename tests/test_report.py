@@ -33,7 +33,7 @@ from autoresearch.lab.outcomes import Failure, Kind, Status
 from lab_helpers import make_workspace
 from report_helpers import (  # noqa: F401 (browser: a fixture)
     add_trial, browser, ledger_trials, running_trial_with_progress, scripted, set_budget, start_trial, the_kept_gain,
-    wait_for)
+    two_slot_run, wait_for)
 
 COUNTED = (Status.KEEP, Status.DISCARD, Status.CRASH)  # a candidate's outcomes that the keep rate counts
 
@@ -524,3 +524,133 @@ def test_export_writes_the_best_train_py_headed_by_what_made_it_the_best(researc
     kept = [t for t in trials if t.kind == "candidate" and t.status == "keep"]
     assert all(t.description in header for t in kept)
     compile(text, "best_train.py", "exec")  # still a script that runs
+
+
+# --- trial slots -----------------------------------------------------------------------------------------
+RUN_START = 1_700_000_000.0
+
+
+def slotted_analysis(tmp_path, data, *, lost: bool = False, read_at: float = RUN_START + 3600):
+    """report_helpers.two_slot_run in a fresh workspace, read at `read_at` (an hour into the run)."""
+    from autoresearch.report.data import Analysis, find_workspace, read_ledger
+
+    ws = make_workspace(tmp_path / "slotted", data)
+    ids = two_slot_run(ws.root, RUN_START, lost=lost)
+    ledger = read_ledger(ws.ledger_path)
+    return Analysis(find_workspace(ws.root), ledger.trials, ledger.meta, read_at), ids
+
+
+def test_the_report_reads_the_slots_the_lab_records():
+    from autoresearch.lab.loop import SLOTS
+    from autoresearch.report.data import SLOTS as READ_SLOTS
+
+    assert READ_SLOTS == SLOTS
+
+
+def test_each_slot_is_busy_for_the_time_its_trials_ran_and_counts_gpu_hours_by_its_gpus(tmp_path, cpu_prepared):
+    """Slot 0 (one GPU) ran trials 0-1200 s and 1200-3000 s and runs one since 3000 s; slot 1 (two GPUs of a
+    Ray node) ran one 600-2400 s. Read at 3600 s: busy 100% and 50%, 1.0 GPU-hours each (slot 1's half
+    hour on two GPUs), 2 and 1 trials finished per hour, the slots 75% busy together."""
+    from autoresearch.report.data import Analysis, SlotState, read_ledger
+    from autoresearch.report.html import render_html
+    from autoresearch.report.summary import markdown
+
+    a, ids = slotted_analysis(tmp_path, cpu_prepared)
+    assert a.slots_recorded and a.several_slots and a.run_started == RUN_START
+    assert a.run_span_seconds == pytest.approx(3600)
+    zero, one = a.slots
+    assert (zero.index, zero.state, zero.running.id) == (0, SlotState.RUNNING, ids["running"])
+    assert (one.index, one.state, one.running) == (1, SlotState.IDLE, None)
+    assert [t.id for t in zero.trials] == [ids["baseline"], ids["discarded"], ids["running"]]
+    assert [t.id for t in one.trials] == [ids["other"]]
+    assert (zero.busy_seconds, one.busy_seconds) == (pytest.approx(3600), pytest.approx(1800))
+    assert (zero.busy_fraction, one.busy_fraction) == (pytest.approx(1.0), pytest.approx(0.5))
+    assert (zero.device_hours, one.device_hours) == (pytest.approx(1.0), pytest.approx(1.0))
+    assert (zero.trials_per_hour, one.trials_per_hour) == (pytest.approx(2.0), pytest.approx(1.0))
+    assert a.slots_busy_fraction == pytest.approx(0.75)
+    assert a.accelerator == "GPU" and a.device_hours == pytest.approx(2.0)
+    assert (zero.where, one.where) == ("GPU 0 (NVIDIA H100 80GB HBM3)", "GPUs 0, 1 (2x NVIDIA H100 80GB HBM3) on node-b")
+
+    text = markdown(a, [])
+    assert "2.00 GPU-hours (trial wall time × the GPUs of its slot: 2h00m)" in text
+    assert "- slots: 2, busy 75% of the run's 1h00m" in text
+    assert ("  - slot 0, GPU 0 (NVIDIA H100 80GB HBM3): busy 100%, 2 trial(s) finished (2.0 per hour), 1.00 GPU-hours; "
+            f"now running trial {ids['running']}: deeper model, 10m00s, step 340 (45%)") in text
+    assert ("  - slot 1, GPUs 0, 1 (2x NVIDIA H100 80GB HBM3) on node-b: busy 50%, 1 trial(s) finished (1.0 per hour), "
+            "1.00 GPU-hours\n") in text  # idle: nothing to add
+    page = render_html(a, [], None)
+    assert '<div class="label">GPU-hours</div><div class="value">2.00</div>' in page
+    assert '<div class="label">slots busy</div><div class="value">75%</div>' in page
+    row = re.search(r'<tr data-slot="1">(.*?)</tr>', page).group(1)
+    assert "on node-b" in row and ">50%</td>" in row and "<td class=num>1.00</td>" in row and "idle" in row
+
+    # once the last trial has ended, at 3900 s, and read long after: the run's span ends at that end
+    ledger = Ledger(a.ws.ledger_path)
+    ledger.update(ids["running"], status=Status.DISCARD, val_bpb=2.55, ended_at=RUN_START + 3900,
+                  hardware={"device": "cuda", "gpus": [0], "slot": 0})
+    ledger.close()
+    data = read_ledger(a.ws.ledger_path)
+    later = Analysis(a.ws, data.trials, data.meta, RUN_START + 5 * 3600)
+    zero, one = later.slots
+    assert later.run_span_seconds == pytest.approx(3900) and zero.state == SlotState.IDLE
+    assert zero.busy_fraction == pytest.approx(1.0) and one.busy_fraction == pytest.approx(1800 / 3900)
+    assert later.device_hours == pytest.approx((3900 + 2 * 1800) / 3600)
+
+
+def test_a_lost_slot_is_reported_with_why_and_its_trial_is_no_crash(tmp_path, cpu_prepared):
+    from autoresearch.report.data import SlotState
+    from autoresearch.report.html import render_html
+    from autoresearch.report.summary import markdown
+
+    a, ids = slotted_analysis(tmp_path, cpu_prepared, lost=True)
+    lost = a.slots[1]
+    assert lost.state == SlotState.LOST and lost.lost_reason == "its machine (node-b) went away"
+    assert lost.busy_fraction == pytest.approx(0.5)  # it was busy until its machine went away
+    assert a.crashes == [] and a.counts()[Status.LOST] == 1  # lost with its machine: run again, no crash
+    assert ("  - slot 1, GPUs 0, 1 (2x NVIDIA H100 80GB HBM3) on node-b: busy 50%, 1 trial(s) finished (1.0 per hour), "
+            "1.00 GPU-hours; now lost: its machine (node-b) went away") in markdown(a, [])
+    assert 'class=slot-lost>lost: its machine (node-b) went away</td>' in render_html(a, [], None)
+
+
+def test_a_ledger_without_slots_is_one_slot_and_reads_as_before(workspace_copy):
+    """A ledger from before there were slots: no meta `slots`, no slot in any row. It is one slot, slot 0,
+    that ran every trial; the report says what it said then, and names no slot."""
+    from autoresearch.report.data import duration, load
+    from autoresearch.report.html import render_html
+    from autoresearch.report.summary import markdown
+
+    ledger = Ledger(workspace_copy / ".autoresearch" / "ledger.db")
+    for t in ledger.trials():
+        ledger.update(t.id, hardware={k: v for k, v in t.hardware.items() if k != "slot"})
+    ledger.db.execute("DELETE FROM meta WHERE key = 'slots'")
+    ledger.db.commit()
+    ledger.close()
+    trials, _ = ledger_trials(workspace_copy)
+    a = load(workspace_copy)
+    assert not a.slots_recorded and not a.slots_worth_showing
+    (only,) = a.slots
+    assert only.index == 0 and [t.id for t in only.trials] == [t.id for t in trials]
+    assert only.busy_fraction == pytest.approx(a.compute_seconds / a.span_seconds)
+    assert a.device_hours == pytest.approx(a.compute_seconds / 3600)  # CPU-hours: the trials' wall time
+    text = markdown(a, [])
+    assert f"{a.compute_seconds / 3600:.2f} CPU-hours (sum of trial wall times: {duration(a.compute_seconds)})" in text
+    assert not re.search(r"^- slots:|slot \d", text, re.MULTILINE)
+    page = render_html(a, [], None)
+    assert "Slots" not in page and "slots busy" not in page
+
+
+def test_a_slot_is_named_by_where_it_runs():
+    """As the lab records slots (report_helpers.slot_record): a GPU of this host, GPUs of a Ray node (which
+    assigns them: their numbers are not recorded, their count is in the device class), a share of a CPU."""
+    from autoresearch.report.data import SlotView
+    from report_helpers import H100, slot_record
+
+    def where(**fields):
+        return SlotView.recorded(slot_record(0, RUN_START, **fields), 0).where
+
+    assert where(gpus=[3]) == f"GPU 3 ({H100})"
+    assert where(gpus=None, executor="ray", node="8f14e45f", host="node-c") == f"GPU ({H100}) on node-c"
+    assert where(gpus=None, device_class=f"4x {H100}", executor="ray", node="8f14e45f", host="") == \
+        f"4 GPUs (4x {H100}) on node 8f14e45f"
+    assert where(device="cpu", threads=1, device_class="CPU Intel Xeon (1 threads)") == "CPU, 1 thread"
+    assert where(device="cpu", threads=8, executor="ray", node="8f14e45f", host="node-d") == "CPU, 8 threads on node-d"

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -97,6 +96,31 @@ def test_it_writes_only_its_own_folder_and_a_private_tmp(box):
     assert code == 0, out
     assert (box.work / "out.txt").read_text() == "mine"
     assert (box.tmp / "scratch").read_text() == "mine"
+
+
+def test_packages_installed_under_tmp_are_importable_read_only_beside_the_private_tmp(box, monkeypatch):
+    # The GPU machine installs its wheels into /tmp/site; the private /tmp must not hide them.
+    site = Path(tempfile.mkdtemp(prefix="autoresearch-site-", dir="/tmp"))
+    site.chmod(0o755)
+    try:
+        (site / "probe_package_in_tmp.py").write_text("ANSWER = 42\n")
+        monkeypatch.syspath_prepend(str(site))
+        monkeypatch.setenv("PYTHONPATH", str(site))
+        code, out = box(f"""
+            import probe_package_in_tmp
+            print("imported", probe_package_in_tmp.ANSWER)
+            try:
+                open({str(site / 'x.py')!r}, "w").write("x")
+                print("WROTE")
+            except OSError:
+                print("refused")
+            open("/tmp/scratch", "w").write("mine")
+        """)
+        assert code == 0, out
+        assert "imported 42" in out and "refused" in out and "WROTE" not in out
+        assert (box.tmp / "scratch").read_text() == "mine" and not (site / "scratch").exists()
+    finally:
+        shutil.rmtree(site)
 
 
 def test_host_settings_of_the_kernel_are_not_writable_even_for_a_root_lab(box):

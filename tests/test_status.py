@@ -24,7 +24,8 @@ from autoresearch.lab.decide import VALUE_KINDS
 from autoresearch.lab.ledger import SCHEMA_VERSION
 from autoresearch.lab.outcomes import Failure, Kind, Status
 from lab_helpers import make_workspace
-from report_helpers import add_trial, ledger_trials, running_trial_with_progress, set_budget, start_trial, wait_for
+from report_helpers import (add_trial, ledger_trials, running_trial_with_progress, set_budget, start_trial,
+                            two_slot_run, wait_for)
 
 
 def status_text(root, **kwargs) -> tuple[int, str]:
@@ -194,3 +195,46 @@ def test_an_unsandboxed_trial_is_called_so_in_the_view_and_the_report(workspace_
     assert "**WARNING**: 1 of" in markdown(a, [])
     page = render_html(a, [], None)
     assert 'class="warning"' in page and "[unsandboxed: its train.py could read" in page.replace("&#x27;", "'")
+
+
+# --- trial slots -----------------------------------------------------------------------------------------
+def slotted_workspace(tmp_path, data, *, lost: bool = False):
+    """A fresh workspace whose ledger holds report_helpers.two_slot_run, begun an hour ago."""
+    ws = make_workspace(tmp_path / "slotted", data)
+    return ws.root, two_slot_run(ws.root, time.time() - 3600, lost=lost)
+
+
+def test_status_lists_every_slot_with_what_it_runs_and_how_far(tmp_path, cpu_prepared):
+    """Two GPU slots: one runs a trial (shown with its slot's device, its time and its progress from its
+    train.log), the other is idle; each with the share of the run it was busy."""
+    root, ids = slotted_workspace(tmp_path, cpu_prepared)
+    code, text = status_text(root)
+    assert code == 0
+    assert re.search(r"slots 2 · busy (7[45])% of the run's 1h00m · 2\.00 GPU-h", text), text
+    assert re.search(rf"slot 0  GPU 0 \(NVIDIA H100 80GB HBM3\)  running trial {ids['running']}: deeper model, "
+                     r"10m0\ds, step 340 \(45%\)  · busy 100%, 2 finished$", text, re.M), text
+    assert re.search(r"slot 1  GPUs 0, 1 \(2x NVIDIA H100 80GB HBM3\) on node-b  idle  · busy 50%, 1 finished$",
+                     text, re.M), text
+    # the trial in flight says which slot it is in, with its full progress line as before
+    assert f"now  trial {ids['running']} [candidate] deeper model" in text and "in slot 0" in text
+    assert "step 340 · 45.0% · loss 3.0000 · 150,000 tok/s · MFU 38.5% · epoch 0 · 2m45s of training left" in text
+
+
+def test_a_lost_slot_says_so_and_why(tmp_path, cpu_prepared):
+    root, ids = slotted_workspace(tmp_path, cpu_prepared, lost=True)
+    _, text = status_text(root)
+    assert re.search(r"slot 1  GPUs 0, 1 \(2x NVIDIA H100 80GB HBM3\) on node-b  lost: its machine \(node-b\) went "
+                     r"away  · busy 50%", text), text
+    assert re.search(rf"^\s*{ids['other']}\s+candidate\s+0000000\s+lost\s", text, re.M)  # its trial: run again
+    assert "its machine went away during the trial" in text
+
+
+def test_a_run_of_one_slot_shows_no_slot_list(research_workspace):
+    """One slot at work, recorded (this workspace's run) or not (an older ledger): the trial in flight
+    says it all, as before there were slots."""
+    from autoresearch.report.data import load
+
+    a = load(research_workspace)
+    assert len(a.slots) == 1 and not a.slots_worth_showing
+    _, text = status_text(research_workspace)
+    assert "slot 0" not in text and not re.search(r"^slots ", text, re.M)

@@ -79,9 +79,11 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _open_lab(args: argparse.Namespace, parallel: bool = False):
-    """The lab for the workspace `args` name; with `parallel`, with the trial slots `run` asks for
-    (--parallel, else [run] parallel, else $AUTORESEARCH_PARALLEL, else every GPU or one CPU slot)."""
-    from .lab.loop import Lab, slots_for
+    """The lab for the workspace `args` name; with `parallel`, with the executor and trial slots `run`
+    asks for (--parallel, else [run] parallel, else $AUTORESEARCH_PARALLEL, else every GPU or one CPU
+    slot; --gpus-per-trial, else [run] gpus_per_trial, else 1; --executor, else [run] executor, else
+    local)."""
+    from .lab.loop import Lab
     from .lab.workspace import Workspace
 
     ws = Workspace.open(Path(args.workspace) if args.workspace else None)
@@ -90,14 +92,47 @@ def _open_lab(args: argparse.Namespace, parallel: bool = False):
     if unsandboxed:
         print("autoresearch: WARNING: running unsandboxed, as asked: train.py can read the answers, the network and "
               "your files; every trial is marked unsandboxed in the record.", file=sys.stderr)
-    slots = None
-    if parallel:
-        n = _first(args.parallel, run_settings.get("parallel"), os.environ.get("AUTORESEARCH_PARALLEL"))
-        try:
-            slots = slots_for(int(n) if n is not None else None)
-        except ValueError:
-            raise UserError(f"parallel must be a whole number of trial slots, got {n!r}") from None
-    return Lab(ws, sandboxed=not unsandboxed, slots=slots)
+    if not parallel:
+        return Lab(ws, sandboxed=not unsandboxed)
+    n = _first(args.parallel, run_settings.get("parallel"), os.environ.get("AUTORESEARCH_PARALLEL"))
+    try:
+        n = int(n) if n is not None else None
+    except ValueError:
+        raise UserError(f"parallel must be a whole number of trial slots, got {n!r}") from None
+    k = _first(args.gpus_per_trial, run_settings.get("gpus_per_trial"), 1)
+    try:
+        k = int(k)
+    except ValueError:
+        raise UserError(f"gpus_per_trial must be a whole number of GPUs, got {k!r}") from None
+    executor = _executor(_first(args.executor, run_settings.get("executor"), "local"), ws,
+                         _first(args.address, run_settings.get("address"), "auto"))
+    try:
+        return Lab(ws, sandboxed=not unsandboxed, slots=executor.slots(n, k), executor=executor)
+    except BaseException:
+        executor.close()
+        raise
+
+
+def _executor(name: str, ws, address: str):
+    from .lab.executor import LocalExecutor
+
+    if name == "local":
+        return LocalExecutor()
+    if name == "ray":
+        from .lab.ray_executor import RayExecutor
+
+        print(f"autoresearch: connecting to the Ray cluster at {address} ...", file=sys.stderr)
+        return RayExecutor(Path(ws.config["data"]), address)
+    raise UserError(f"executor must be local or ray, got {name!r}")
+
+
+def _slot_label(slot) -> str:
+    where = f"{slot.host}: " if slot.node else ""
+    if slot.device == "cuda":
+        if slot.gpus:
+            return where + ("GPU " if len(slot.gpus) == 1 else "GPUs ") + ",".join(map(str, slot.gpus))
+        return where + (f"{slot.ranks} GPUs" if slot.ranks > 1 else "a GPU")
+    return where + (f"{slot.threads} CPU threads" if slot.threads else "the CPU")
 
 
 def _stop_on_signals(lab) -> None:
@@ -213,9 +248,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         max_trials = _first(args.max_trials, os.environ.get("AUTORESEARCH_MAX_TRIALS"), run_settings.get("max_trials"))
         confirm_runs = _first(args.confirm_runs, os.environ.get("AUTORESEARCH_CONFIRM_RUNS"),
                               run_settings.get("confirm_runs"), 3)
-        if len(lab.slots) > 1:
-            print(f"autoresearch: {len(lab.slots)} trial slots: "
-                  + ", ".join(f"GPU {slot.gpus[0]}" if slot.gpus else f"{slot.threads} CPU threads" for slot in lab.slots))
+        if len(lab.slots) > 1 or lab.executor.name != "local":
+            print(f"autoresearch: {len(lab.slots)} trial slot(s) ({lab.executor.name}): "
+                  + ", ".join(_slot_label(slot) for slot in lab.slots))
         with lab.ws.lock("run"):
             lab.run(proposer, max_trials=int(max_trials) if max_trials is not None else None,
                     max_hours=args.max_hours if args.max_hours is not None else run_settings.get("max_hours"),
@@ -382,6 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, metavar="N", help="run up to N trials at once, one per GPU (or, without "
                    "a GPU, N CPU slots sharing its threads), each proposed in a git worktree of its own; the branch "
                    "stays on the best (default: [run] parallel, else every GPU, else 1)")
+    p.add_argument("--gpus-per-trial", type=int, metavar="K", help="train each trial data-parallel on K GPUs of one "
+                   "machine, under torchrun (train.py's TOTAL_BATCH_SIZE stays the total; a slot is K GPUs; default: "
+                   "[run] gpus_per_trial, else 1)")
+    p.add_argument("--executor", choices=("local", "ray"), help="where trials run: local (subprocesses on this "
+                   "host) or ray (one Ray task per trial on a running Ray cluster's nodes, each slot a GPU of a node; "
+                   "needs pip install 'autoresearch[ray]' on every node; default: [run] executor, else local)")
+    p.add_argument("--address", help="for --executor ray: the cluster's address, host:port as `ray start --head` "
+                   "prints it, or auto for the cluster this machine is part of (default: [run] address, else auto)")
     p.add_argument("--confirm-runs", type=int, help="after --max-trials or --max-hours: run the best and the baseline "
                    "this many times more under fresh seeds, and the best without each kept change once "
                    "(`autoresearch confirm`; default: [run] confirm_runs, else 3; 0: no confirmation)")

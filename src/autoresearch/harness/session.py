@@ -112,7 +112,7 @@ class Run:
         buffer = io.BytesIO()
         torch.save({"config": config, "state_dict": state, "profile": self.profile.name}, buffer)
         stats = {**stats, "peak_memory_mb": hardware.peak_memory_mb(self.device),
-                 "device_name": hardware.device_name(self.device)}
+                 "device_name": hardware.device_name(self.device), "world_size": self.world_size}
         self.lab.request(wire.Kind.CHECKPOINT, buffer.getbuffer(), stats=stats)
 
 
@@ -142,7 +142,9 @@ class Batches:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         pending, self._next = self._next, None
         rows, self.epoch, training = pending.result() if pending is not None else self._fetch()
-        if self.run.started and not training:  # fetched ahead during the warm-up: random rows
+        # Random rows after the start were fetched ahead during the warm-up or, on a rank other than 0, before
+        # rank 0's start (which starts the lab's clock for every rank) reached the lab.
+        while self.run.started and not training:
             rows, self.epoch, training = self._fetch()
         self._next = self._pool.submit(self._fetch)
         if self.run.device.type != "cuda":
@@ -174,22 +176,30 @@ def default_profile_name(device: torch.device) -> str:
 
 def start_run() -> Run:
     """The run that train.py is part of: the lab's, or, with no lab around, one served in-process."""
+    rank, launched = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     path = os.environ.get(wire.SOCKET_ENV)
     if path:
         sock = wire.connect(path, timeout=30)
+    elif launched > 1:
+        raise HarnessError(f"Run by hand, with no lab around it, train.py trains on one process, not {launched}: "
+                           "run it as `python train.py`. The lab runs a trial on several GPUs under torchrun "
+                           "(the workspace's gpus_per_trial).")
     else:
         from .standalone import serve_in_process
 
         sock = serve_in_process()
     lab = LabConnection(sock)
-    rank = int(os.environ.get("RANK", 0))
-    settings = lab.request(wire.Kind.HELLO, rank=rank, world_size=int(os.environ.get("WORLD_SIZE", 1)),
-                           key=os.environ.get(wire.KEY_ENV)).fields
+    settings = lab.request(wire.Kind.HELLO, rank=rank, world_size=launched, key=os.environ.get(wire.KEY_ENV)).fields
+    world_size = int(settings.get("world_size", 1))
+    if "WORLD_SIZE" in os.environ and launched != world_size:
+        raise HarnessError(f"The lab runs this trial on {world_size} process(es), and this is one of {launched}: "
+                           "the lab starts train.py under torchrun itself.")
     device = torch.device(settings["device"])
-    if device.type == "cuda" and int(settings.get("world_size", 1)) > 1:
+    if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)  # what runs on "the current device" (events, streams) runs on this rank's
     profile = Profile(**settings["profile"])
     return Run(profile=profile, device=device, time_budget=float(settings["time_budget"]), seq_len=profile.seq_len,
                vocab_size=profile.vocab_size, bos_id=int(settings["bos_id"]), lab=lab,
-               seed_override=settings.get("seed"), rank=rank, world_size=int(settings.get("world_size", 1)),
+               seed_override=settings.get("seed"), rank=rank, world_size=world_size,
                tokenizer_dir=Path(settings["tokenizer"]) if settings.get("tokenizer") else None)

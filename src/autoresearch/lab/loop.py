@@ -28,19 +28,21 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
-from . import devices, sandbox
+from . import sandbox
 from .decide import (Action, Best, Decision, RuleName, best_of, best_runs_missing, current_best, decide,
                      next_seed)
 from .ledger import Ledger, Trial
 from .noise import NoiseEstimate, by_device, detect_change, measurements, workspace_noise
-from .outcomes import Failure, Kind, Status
+from .outcomes import RUN_AGAIN, Failure, Kind, Status
 from .proposer import ProposalContext, Proposer, backoff_seconds, consecutive_failures
-from .trial import Slot, TrialOutcome, kill_trial_processes, run_trial
+from .executor import Executor, LocalExecutor, Slot
+from .trial import TrialOutcome, kill_trial_processes, run_trial
 from .workspace import SETTINGS_FILE, Tree, Workspace, WorkspaceError
 
 CONFIG_HASH = "config_sha256"  # ledger meta: the lab's config as the lab last left it
 NOISE_SINCE = "noise_since"  # ledger meta: the first trial of the current noise epoch (a change starts a new one)
 MAX_TRAINER_BYTES = 1 << 20  # a train.py this large carries data (weights), not code
+SLOTS = "slots"  # ledger meta: the slots of the latest run (Slot.describe, with its executor and whether lost)
 PROPOSALS_DIR = "proposals"  # under .autoresearch/: each proposal's scratch folder, named by its trial
 WAIT_SECONDS = 0.2  # how often an idle slot looks again for work (while others run the baseline)
 
@@ -50,21 +52,8 @@ class LabError(UserError):
 
 
 def slots_for(parallel: int | None = None) -> list[Slot]:
-    """The trial slots of this machine: one GPU each (`parallel` of them; None: every GPU), or on a
-    machine without GPUs `parallel` CPU slots (None: one) sharing its threads evenly."""
-    gpus = devices.gpus()
-    if gpus:
-        n = len(gpus) if parallel is None else parallel
-        if not 1 <= n <= len(gpus):
-            raise LabError(f"--parallel {n}: this machine has {len(gpus)} GPU(s) ({', '.join(g.name for g in gpus)}), "
-                           f"and a trial slot takes one; ask for 1 to {len(gpus)}.")
-        return [Slot("cuda", [gpus[k].index]) for k in range(n)]
-    n = 1 if parallel is None else parallel
-    cpus = devices.cpu_count()
-    if not 1 <= n <= cpus:
-        raise LabError(f"--parallel {n}: this machine has no GPU and {cpus} CPU thread(s); each CPU slot needs at "
-                       f"least one, so ask for 1 to {cpus}.")
-    return [Slot("cpu")] if n == 1 else [Slot("cpu", threads=cpus // n) for _ in range(n)]
+    """This host's trial slots (LocalExecutor.slots): one GPU each, or CPU slots sharing its threads."""
+    return LocalExecutor().slots(parallel)
 
 
 def default_slot() -> Slot:
@@ -94,7 +83,7 @@ class Plan:
     claimed: int = 0  # proposals begun (and stopped candidates taken up): what max_trials counts
     done: int = 0  # candidates decided: what drift_every counts
     baseline_seeds: list[int | None] = field(default_factory=list)  # baseline runs in flight
-    best_runs: dict[str, int] = field(default_factory=dict)  # runs of a best in flight, by commit
+    best_runs: dict[tuple[str, str], int] = field(default_factory=dict)  # runs of a best in flight: (commit, class)
     limit: str = ""  # why the run stopped at a limit (then it is confirmed)
     exhausted: bool = False  # the proposer had nothing more
     error: BaseException | None = None  # what stopped a slot's worker; raised by run()
@@ -102,8 +91,9 @@ class Plan:
 
 class Lab:
     def __init__(self, ws: Workspace, log: Callable[[str], None] = print, *, sandboxed: bool = True,
-                 slot: Slot | None = None, slots: list[Slot] | None = None):
+                 slot: Slot | None = None, slots: list[Slot] | None = None, executor: Executor | None = None):
         self.ws = ws
+        self.executor = executor or LocalExecutor()
         self.ledger = Ledger(ws.ledger_path, ws.results_tsv)
         self._emit = log
         self.stop = threading.Event()
@@ -114,6 +104,8 @@ class Lab:
         self._local = threading.local()  # which slot this thread works for
         self.running: dict[int, tuple[int, Path]] = {}  # slot -> its trial in flight and its log (progress views)
         self.trying: dict[int, str] = {}  # slot -> the candidate it is measuring (told to the other proposals)
+        self.lost: dict[int, str] = {}  # slot -> why its machine is gone (it takes no more work)
+        self._run_started: float | None = None
 
     @property
     def slot_index(self) -> int:
@@ -131,6 +123,7 @@ class Lab:
 
     def close(self) -> None:
         self.ledger.close()
+        self.executor.close()
 
     # --- trust ------------------------------------------------------------------------------------
     def check_ready(self) -> None:
@@ -192,7 +185,7 @@ class Lab:
                    and t.status in (Status.KEEP, Status.DISCARD, Status.CRASH, Status.SUPERSEDED)}
         again, seen = [], set()
         for t in trials:
-            if (t.status == Status.STOPPED and t.kind in (Kind.CANDIDATE, Kind.RERUN) and t.commit_sha
+            if (t.status in RUN_AGAIN and t.kind in (Kind.CANDIDATE, Kind.RERUN) and t.commit_sha
                     and t.commit_sha not in decided and t.commit_sha not in seen):
                 seen.add(t.commit_sha)
                 again.append(t)
@@ -204,7 +197,7 @@ class Lab:
         self.running[k] = (trial_id, self.ws.trial_dir(trial_id) / "train.log")
         try:
             outcome = run_trial(self.ws, trial_id, commit, seed, slot=self.slot, sandboxed=self.sandboxed,
-                                stop=self.stop)
+                                stop=self.stop, executor=self.executor)
         finally:
             self.running.pop(k, None)
         if not self.ledger.untouched():  # only an unsandboxed trainer can reach the ledger
@@ -224,13 +217,13 @@ class Lab:
             num_steps=int(summary["num_steps"]) if isinstance(summary.get("num_steps"), (int, float)) else None,
             mfu_percent=summary.get("mfu_percent"),
             peak_vram_mb=summary.get("peak_vram_mb"),
-            hardware=outcome.hardware,
+            hardware={**outcome.hardware, "slot": k},
             device_class=outcome.device_class,
             tokens_per_second=outcome.tokens_per_second,
             sandboxed=outcome.sandboxed,
         )
         if outcome.stopped:
-            self.ledger.update(trial_id, status=Status.STOPPED)
+            self.ledger.update(trial_id, status=Status.LOST if outcome.lost else Status.STOPPED)
         return outcome
 
     def _begin(self, kind: Kind, description: str, proposer: str, commit: str | None, parent: str | None,
@@ -249,7 +242,7 @@ class Lab:
             else:
                 scratch.rmdir()
         self.ledger.update(trial_id, log_path=str(self.ws.trial_dir(trial_id) / "train.log"),
-                           proposer_usage=usage, sandboxed=self.sandboxed)
+                           proposer_usage=usage, sandboxed=self.sandboxed, hardware={"slot": self.slot_index})
         return trial_id
 
     def _drop_checkpoint(self, trial_id: int) -> None:
@@ -321,6 +314,8 @@ class Lab:
                  f"{self.ws.rule.baseline_runs} here")
         if not self.run_best(best, "to measure candidates against", check_drift=False) and not self.stop.is_set():
             last = [t for t in self.ledger.trials() if t.commit_sha == best.commit][-1]
+            if last.status in RUN_AGAIN:  # its slot's machine went away: another slot runs it
+                return
             raise LabError(f"The best commit {best.commit[:7]} crashed when run again (trial {last.id}: {last.reason}). "
                            "The machine or the data may have changed; look at that trial's log, then run again.")
 
@@ -447,7 +442,9 @@ class Lab:
             self.log(f"  val_bpb {outcome.val_bpb:.6f}: {decision.why}")
             rows.append(self._begin(Kind.RERUN, f"rerun: {description}", proposer, commit, best.commit))
         values = [v for v, _ in runs]
-        if outcome is not None and outcome.stopped or (outcome is None and self.stop.is_set()):
+        if outcome is not None and outcome.lost:
+            status, why = Status.LOST, {"why": f"{outcome.reason}, before the decision", "values": values}
+        elif outcome is not None and outcome.stopped or (outcome is None and self.stop.is_set()):
             status, why = Status.STOPPED, {"why": "stopped before the decision; it is measured again on resume",
                                             "values": values}
         elif outcome is not None and outcome.crashed and not runs:
@@ -517,6 +514,8 @@ class Lab:
         the others, which record their trials as stopped, and is raised here."""
         self.check_ready()
         plan = Plan(proposer, self.resume(), max_trials, max_hours)
+        self._run_started = plan.started
+        self._record_slots()
         if len(self.slots) == 1:
             self._work(self.ws, plan)
         else:
@@ -545,8 +544,11 @@ class Lab:
             self.stop.set()
 
     def _work(self, tree: Tree, plan: Plan) -> None:
-        """One slot's loop: take the next step, do it, until there is none."""
+        """One slot's loop: take the next step, do it, until there is none or the slot's machine is gone."""
         while True:
+            if not self.executor.alive(self.slot):
+                self._lose_slot(plan)
+                return
             step, what = self._next_step(plan)
             if step is None:
                 return
@@ -566,7 +568,26 @@ class Lab:
                     if step == Step.BASELINE:
                         plan.baseline_seeds.remove(what)
                     elif step == Step.BEST:
-                        plan.best_runs[what.commit] -= 1
+                        plan.best_runs[what.commit, self.device_class] -= 1
+
+    def _lose_slot(self, plan: Plan) -> None:
+        """This slot's machine went away: it takes no more work, and the record says so. Without a slot
+        left, the run stops."""
+        k = self.slot_index
+        with self.lock:
+            self.lost[k] = f"its machine ({self.slot.host or self.slot.node or 'this host'}) went away"
+            self._record_slots()
+            left = len(self.slots) - len(self.lost)
+        self.log(f"slot {k} is lost: {self.lost[k]}; {left} slot(s) go on")
+        if not left:
+            raise LabError("Every trial slot was lost: the machines that ran them went away. What ran is recorded; "
+                           "start them again (or use other ones), then `autoresearch run` again.")
+
+    def _record_slots(self) -> None:
+        """The slots of this run, as the ledger keeps them for status, the dashboard and the report."""
+        self.ledger.set_meta(SLOTS, [{"slot": k, **slot.describe(), "executor": self.executor.name,
+                                      "lost": k in self.lost, "lost_reason": self.lost.get(k, ""),
+                                      "started_at": self._run_started} for k, slot in enumerate(self.slots)])
 
     def _next_step(self, plan: Plan) -> tuple[Step | None, object]:
         """What this slot does next, claimed under the lock so that no two slots do the same: (None, _)
@@ -581,11 +602,14 @@ class Lab:
             if len(self._baseline_runs()) < self.ws.rule.baseline_runs:
                 return Step.WAIT, None
             best = self.best() or Best(self.ws.config["base_commit"], (), (), 0)
-            if best_runs_missing(self.ws.rule, best) > plan.best_runs.get(best.commit, 0):
-                plan.best_runs[best.commit] = plan.best_runs.get(best.commit, 0) + 1
+            key = (best.commit, self.device_class)  # each class of device measures the best for itself
+            if best_runs_missing(self.ws.rule, best) > plan.best_runs.get(key, 0):
+                plan.best_runs[key] = plan.best_runs.get(key, 0) + 1
                 return Step.BEST, best
             if plan.max_trials is not None and plan.claimed >= plan.max_trials:
-                plan.limit = f"{plan.max_trials} trial(s) done"  # the other slots finish what they began
+                if self.trying:  # a candidate in flight whose slot's machine dies comes back to be run again
+                    return Step.WAIT, None
+                plan.limit = f"{plan.max_trials} trial(s) done"
                 return None, None
             if plan.max_hours is not None and time.time() - plan.started > plan.max_hours * 3600:
                 plan.limit = f"{plan.max_hours:g} hour(s) passed"
@@ -596,22 +620,29 @@ class Lab:
             return Step.PROPOSE, None
 
     def _again(self, tree: Tree, stopped: Trial, plan: Plan) -> None:
-        """Measure again a candidate that a stopped lab left undecided, if the best is still the one it
-        was built on (else it is proposed anew instead)."""
-        self.log(f"resuming: trial {stopped.id} was stopped, running it again")
+        """Measure again a candidate left undecided (by a stopped lab, or a slot whose machine went away):
+        as it was if the best is still the one it was built on, else with its edit applied onto the best
+        (as for a superseded candidate), or not at all where the edit no longer applies."""
+        why = "its slot was lost" if stopped.status == Status.LOST else "it was stopped"
+        self.log(f"trial {stopped.id} is run again: {why}")
         best = self.best()
+        commit, reapplied_from = stopped.commit_sha, None
         if stopped.parent_sha != best.commit:
-            self.log(f"  (skipped: it was built on {stopped.parent_sha[:7]}, the best is now {best.commit[:7]})")
-            with self.lock:
-                plan.claimed -= 1
-            return
-        tree.reset_to(stopped.commit_sha)
-        self.trying[self.slot_index] = stopped.description
-        try:
-            trial = self.evaluate(stopped.commit_sha, stopped.description, stopped.proposer, best,
-                                  stopped.proposer_usage, tree=tree)
-        finally:
-            self.trying.pop(self.slot_index, None)
+            tree.reset_to(best.commit)
+            if not tree.reapply(stopped.parent_sha, stopped.commit_sha):
+                self.log(f"  (skipped: it was built on {stopped.parent_sha[:7]}, and its edit no longer applies onto "
+                         f"the best, {best.commit[:7]})")
+                tree.reset_to(best.commit)
+                with self.lock:
+                    plan.claimed -= 1
+                return
+            edits = [f for f in tree.changed_files() if f in self.ws.config["allowed_files"]]
+            commit, reapplied_from = tree.commit(edits, stopped.description), stopped.id
+        else:
+            tree.reset_to(commit)
+        trial = self._try(plan, stopped.description, lambda: self.evaluate(
+            commit, stopped.description, stopped.proposer, best, stopped.proposer_usage, tree=tree,
+            reapplied_from=reapplied_from))
         self._tell(plan, replace(trial, proposer_usage=stopped.proposer_usage))
         self._decided(plan, trial)
 
@@ -619,9 +650,26 @@ class Lab:
         with nullcontext() if plan.proposer.concurrent else self._proposing:
             plan.proposer.tell(trial)
 
+    def _try(self, plan: Plan, description: str, measure: Callable[[], Trial]) -> Trial:
+        """Measure a candidate in this slot, told meanwhile to the other slots' proposals. One whose slot's
+        machine went away is queued for another slot, in the same breath as it stops being in flight (a
+        slot at the trial limit waits for what is in flight), and is counted once, when it is decided."""
+        k = self.slot_index
+        self.trying[k] = description
+        trial = None
+        try:
+            trial = measure()
+            return trial
+        finally:
+            with self.lock:
+                self.trying.pop(k, None)
+                if trial is not None and trial.status == Status.LOST:
+                    plan.again.append(trial)
+                    plan.claimed -= 1
+
     def _decided(self, plan: Plan, trial: Trial) -> None:
         """After a candidate: count it, and every drift_every candidates see whether the measurement moved."""
-        if trial.status == Status.STOPPED:
+        if trial.status in RUN_AGAIN:
             return
         with self.lock:
             plan.done += 1
@@ -632,8 +680,7 @@ class Lab:
     def _propose(self, tree: Tree, plan: Plan) -> None:
         """One proposal in `tree`, audited, then tried as a candidate (or recorded as the failure it was)."""
         proposer = plan.proposer
-        best_commit = self.best().commit
-        tree.reset_to(best_commit)
+        tree.reset_to(self.best().commit)
         scratch = self.ws.lab_dir / PROPOSALS_DIR / f"slot-{self.slot_index}"
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
@@ -663,10 +710,11 @@ class Lab:
         except WorkspaceError as e:
             failure, reason, broken = Failure.TAMPERING, f"tampering: while the proposer ran, {e}", True
         if failure is not None:
+            best_commit = self.best().commit  # the best may have moved while it proposed
             tree.restore(before, tree.changed_since(before))
-            tree.reset_to(self.best().commit)
-            trial_id = self._begin(Kind.CANDIDATE, f"proposal failed: {what}", proposer.name, None,
-                                   self.best().commit, usage=usage, scratch=scratch)
+            tree.reset_to(best_commit)
+            trial_id = self._begin(Kind.CANDIDATE, f"proposal failed: {what}", proposer.name, None, best_commit,
+                                   usage=usage, scratch=scratch)
             self.ledger.update(trial_id, status=Status.CRASH, failure=failure, reason=reason)
             self._tell(plan, self.ledger.trial(trial_id))
             if broken:
@@ -676,11 +724,7 @@ class Lab:
             tree.restore(before, tree.changed_since(before))
             shutil.rmtree(scratch, ignore_errors=True)
             return
-        self.trying[self.slot_index] = " ".join(description.split())
-        try:
-            trial = self.candidate(description, proposer.name, usage, before=before, tree=tree, scratch=scratch,
-                                   measure_best=False)
-        finally:
-            self.trying.pop(self.slot_index, None)
+        trial = self._try(plan, " ".join(description.split()), lambda: self.candidate(
+            description, proposer.name, usage, before=before, tree=tree, scratch=scratch, measure_best=False))
         self._tell(plan, replace(trial, proposer_usage=usage or {}))
         self._decided(plan, trial)

@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 PROC = Path("/proc")
+
+
+def die_with_parent(parent: int) -> None:
+    """In a child between fork and exec: be killed when `parent` (the process that forked it) dies,
+    even by kill -9. A parent that died before the request reached the kernel has already gone, so
+    the child then ends itself rather than live on as an orphan."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
 
 
 def kill_tagged(variable: str, token: str, pgid: int | None = None) -> int:

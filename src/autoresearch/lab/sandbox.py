@@ -23,7 +23,6 @@ import os
 import resource
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -31,6 +30,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from autoresearch.errors import UserError
+
+from .processes import die_with_parent
 
 # /etc files a Python process, its dynamic loader and the CUDA driver read; the rest of /etc
 # (shadow, ssh keys, credentials of installed tools) stays out.
@@ -169,11 +170,16 @@ def bwrap_args(spec: Spec, uid: int | None) -> list[str]:
     for name in ETC_FILES:
         if (Path("/etc") / name).exists():
             args += parents(f"/etc/{name}") + ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
-    bound = []
+    mounts = [Path(inside) for inside in [*spec.readable, *spec.writable]]
+    bound, under_mounts = [], []
     for path in runtime_paths():
-        if not any(path == Path("/") / d or Path("/") / d in path.parents for d in SYSTEM_DIRS):
+        if any(path == Path("/") / d or Path("/") / d in path.parents for d in SYSTEM_DIRS):
+            continue
+        bound.append(path)
+        if any(path == m or m in path.parents for m in mounts):
+            under_mounts.append(path)  # packages in /tmp (as on a GPU machine): bound over the private /tmp
+        else:
             args += parents(str(path)) + ["--ro-bind", str(path), str(path)]
-            bound.append(path)
     args += ["--proc", "/proc", "--ro-bind", "/proc/sys", "/proc/sys", "--dev", "/dev",
              "--perms", "1777", "--tmpfs", "/dev/shm"]
     if spec.gpus:
@@ -184,6 +190,8 @@ def bwrap_args(spec: Spec, uid: int | None) -> list[str]:
         args += parents(inside) + ["--ro-bind", str(host), inside]
     for inside, host in spec.writable.items():
         args += parents(inside) + ["--bind", str(host), inside]
+    for path in under_mounts:
+        args += ["--ro-bind", str(path), str(path)]
     for hidden in spec.hidden:  # a workspace or data folder inside a bound installation stays unseen
         if any(hidden == p or p in hidden.parents for p in bound):
             args += ["--tmpfs", str(hidden)]
@@ -192,13 +200,12 @@ def bwrap_args(spec: Spec, uid: int | None) -> list[str]:
 
 
 def _preexec(limits: Limits, nice: int = 0):
+    parent = os.getpid()
+
     def setup() -> None:
         if nice:
             os.nice(nice)
-        if sys.platform.startswith("linux"):  # die if the lab's trial process dies, even by kill -9
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        die_with_parent(parent)  # the lab's trial process
         if limits.memory_bytes:
             resource.setrlimit(resource.RLIMIT_DATA, (limits.memory_bytes, limits.memory_bytes))
         if limits.max_processes:

@@ -310,10 +310,15 @@ class Supervisor:
             shutil.copyfile(Path(self.spec.data) / name, tok_dir / name)
         box = self._sandbox_spec("train", work, tmp, sock_dir, {"/autoresearch/tokenizer": tok_dir})
         server = self._listen(sock_dir)
-        argv = [sys.executable, "-m", "autoresearch.harness.run", "train.py"]
-        if self.spec.world_size > 1:
-            argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc-per-node={self.spec.world_size}", "-m", "autoresearch.harness.run", "train.py"]
+        ranks = self.spec.world_size
+        # Several ranks run under torchrun, in this one sandbox (its rendezvous on the sandbox's own loopback),
+        # through the harness's launcher: the first rank to fail ends them all, and its exit code and last line
+        # are the trial's.
+        launch = [f"{harness_run.NPROC_FLAG}{ranks}"] if ranks > 1 else []
+        argv = [sys.executable, "-m", "autoresearch.harness.run", *launch, "train.py"]
+        if box.limits.memory_bytes:  # the trial's memory, shared among its ranks (the limit is per process)
+            box.limits.memory_bytes //= ranks
+        self.result["world_size"] = ranks
         proc = self._start(box, argv)
         self.clock.launched = time.monotonic()
         try:

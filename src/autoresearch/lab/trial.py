@@ -1,28 +1,25 @@
 """One trial, as the lab sees it: a commit in, a measurement (or a named failure) out.
 
 The lab writes the commit's train.py and a spec into the trial's folder, checks that the script
-compiles, and starts the trial's supervisor (lab.supervisor) in a process of its own, which runs
-the sandboxed trainer and scorer. It takes the supervisor's result only if the supervisor exited 0
-and wrote it during this trial; it checks the lab's own files by content before and after; and it
-appends the reference's summary block, with the lab's numbers, to the end of train.log.
+compiles, and has an executor (lab.executor: this host, or a cluster's node) run the trial's
+supervisor (lab.supervisor) in a process of its own, which runs the sandboxed trainer and scorer.
+It takes the supervisor's result only if the supervisor exited 0 and wrote it during this trial; it
+checks the lab's own files by content before and after; and it appends the reference's summary
+block, with the lab's numbers, to the end of train.log.
 """
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from autoresearch.harness.hardware import peak_flops
 
-from . import devices
 from . import supervisor as sup
+from .executor import SUPERVISOR_LOG, Executor, LocalExecutor, Slot
 from .limits import SCORING_LIMIT, startup_limit, trial_limit
 from .outcomes import Failure
 from .processes import kill_tagged
@@ -34,22 +31,6 @@ SUMMARY_FORMATS = dict(val_bpb="{:.6f}", training_seconds="{:.1f}", total_second
                        mfu_percent="{:.2f}", total_tokens_M="{:.1f}", num_steps="{:.0f}", num_params_M="{:.1f}",
                        depth="{:.0f}")
 LOG_TAIL_LINES = 40
-STOP_SECONDS = 15.0  # how long a stopped supervisor gets to tear its sandboxes down before it is killed
-
-
-@dataclass
-class Slot:
-    """Where a trial runs: a device type, which GPUs (None: all there are), how many CPU threads."""
-
-    device: str = "cpu"
-    gpus: list[int] | None = None
-    threads: int | None = None
-
-    @property
-    def device_class(self) -> str:
-        found = devices.gpus()
-        names = [g.name for g in found if self.gpus is None or g.index in self.gpus]
-        return devices.device_class(self.device, names if self.device == "cuda" else None, self.threads)
 
 
 @dataclass
@@ -59,7 +40,8 @@ class TrialOutcome:
     val_bpb: float | None = None
     failure: Failure | None = None
     reason: str = ""
-    stopped: bool = False
+    stopped: bool = False  # no decision can come of it: it is run again
+    lost: bool = False  # stopped because the slot's machine went away
     summary: dict = field(default_factory=dict)  # the nine keys, the lab's numbers where it has them
     stats: dict = field(default_factory=dict)  # what train.py reported, for information
     training_seconds: float | None = None  # the lab's clock
@@ -124,13 +106,6 @@ def _read_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
         return ""
 
 
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def trial_token(ws: Workspace, trial_id: int) -> str:
     return f"{ws.config['id']}:{trial_id}"
 
@@ -143,10 +118,11 @@ def kill_trial_processes(ws: Workspace, trial_id: int) -> int:
 
 def run_trial(ws: Workspace, trial_id: int, commit: str, seed: int | None, *, slot: Slot | None = None,
               sandboxed: bool = True, stop: threading.Event | None = None, checkpoint: Path | None = None,
-              split: str = "val", folder: Path | None = None) -> TrialOutcome:
-    """Run `commit`'s train.py once and measure it (or, given `checkpoint`, only score that on `split`).
-    The supervisor works in `folder`, by default the trial's own; scoring a kept checkpoint again (the
-    sealed test) works elsewhere, so that the trial's record stays as it was."""
+              split: str = "val", folder: Path | None = None, executor: Executor | None = None) -> TrialOutcome:
+    """Run `commit`'s train.py once and measure it (or, given `checkpoint`, only score that on `split`),
+    in `slot` of `executor` (this host's, by default). The supervisor works in `folder`, by default the
+    trial's own; scoring a kept checkpoint again (the sealed test) works elsewhere, so that the trial's
+    record stays as it was."""
     slot = slot or Slot()
     trial_dir = Path(folder) if folder is not None else ws.trial_dir(trial_id)
     trial_dir.mkdir(parents=True, exist_ok=True)
@@ -167,7 +143,8 @@ def run_trial(ws: Workspace, trial_id: int, commit: str, seed: int | None, *, sl
     config = ws.config
     spec = sup.TrialSpec(
         trainer=str(trial_dir / "train.py"), data=config["data"], profile=asdict(ws.profile), time_budget=ws.time_budget,
-        device=slot.device, seed=seed, gpus=slot.gpus, threads=slot.threads, sandboxed=sandboxed,
+        device=slot.device, seed=seed, gpus=slot.gpus, threads=slot.threads, world_size=slot.ranks,
+        sandboxed=sandboxed,
         memory_bytes=config.get("memory_bytes"), startup_limit=startup_limit(config),
         max_processes=int(config.get("max_processes") or sup.sandbox.DEFAULT_MAX_PROCESSES),
         training_tolerance=float(config.get("training_tolerance", 0.05)),
@@ -176,30 +153,10 @@ def run_trial(ws: Workspace, trial_id: int, commit: str, seed: int | None, *, sl
         hidden=[str(ws.root), str(Path(config["data"])), str(Path.home())], token=trial_token(ws, trial_id))
     (trial_dir / sup.SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2))
     limit = trial_limit(config, ws.time_budget)
-    started = time.monotonic()
-    with open(trial_dir / "supervisor.log", "wb") as errors:
-        proc = subprocess.Popen([sys.executable, "-m", "autoresearch.lab.supervisor", str(trial_dir)],
-                                stdout=errors, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, preexec_fn=_die_with_parent)
-        try:
-            asked_to_stop = None
-            while proc.poll() is None:
-                now = time.monotonic()
-                if stop is not None and stop.is_set() and asked_to_stop is None:
-                    proc.send_signal(signal.SIGTERM)
-                    asked_to_stop = now
-                if (asked_to_stop is not None and now - asked_to_stop > STOP_SECONDS) or now - started > limit:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                    break
-                time.sleep(0.05)
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
-    outcome.total_seconds = time.monotonic() - started
+    ran = (executor or LocalExecutor()).run(trial_dir, slot, limit, stop)
+    outcome.total_seconds = ran.seconds
     result = {}
-    if proc.returncode == 0:
+    if ran.returncode == 0:
         try:
             result = json.loads((trial_dir / sup.RESULT_FILE).read_text())
         except (OSError, json.JSONDecodeError):
@@ -209,10 +166,13 @@ def run_trial(ws: Workspace, trial_id: int, commit: str, seed: int | None, *, sl
     if not result:
         if stop is not None and stop.is_set():
             outcome.stopped, outcome.reason = True, "stopped: the lab was told to stop during this trial"
+        elif ran.lost:
+            outcome.stopped = outcome.lost = True
+            outcome.reason = f"lost: {ran.lost}; it is run again in another slot"
         else:
-            tail = _read_tail(trial_dir / "supervisor.log", 5).replace("\n", " | ")
-            outcome.failure = Failure.STARTUP_TIMEOUT if time.monotonic() - started > limit else Failure.SANDBOX
-            outcome.reason = (f"the trial's supervisor ended without a result (exit {proc.returncode}, after "
+            tail = _read_tail(trial_dir / SUPERVISOR_LOG, 5).replace("\n", " | ")
+            outcome.failure = Failure.STARTUP_TIMEOUT if ran.timed_out else Failure.SANDBOX
+            outcome.reason = (f"the trial's supervisor ended without a result (exit {ran.returncode}, after "
                               f"{outcome.total_seconds:.0f} s of a {limit:.0f} s limit): {tail}")
         return outcome
     outcome.sandboxed = bool(result.get("sandboxed", sandboxed))
@@ -221,7 +181,8 @@ def run_trial(ws: Workspace, trial_id: int, commit: str, seed: int | None, *, sl
     outcome.tokens_per_second = result.get("tokens_per_second")
     outcome.device_class = slot.device_class
     outcome.hardware = {"device": slot.device, "class": outcome.device_class, "gpus": slot.gpus, "threads": slot.threads,
-                        "reported_by_train.py": outcome.stats.get("device_name")}
+                        "world_size": slot.ranks, "reported_by_train.py": outcome.stats.get("device_name"),
+                        **ran.placement}
     outcome.summary = summarize(result)
     try:
         ws.check_integrity(before)

@@ -69,6 +69,24 @@ def git(cwd: Path, *args: str, check: bool = True, strip: bool = True) -> str:
     return proc.stdout.strip() if strip else proc.stdout
 
 
+def apply_lines(repo: Path, parent: str, child: str, folder: Path, *names: str, reverse: bool = False) -> bool:
+    """Apply the change from `parent` to `child` of `repo` (of `names`, else of every file) to the files in
+    `folder`, or with `reverse` undo it there. The changed lines go without context around them, so that a
+    change of one line applies (or is undone) beside another change of the next line. False, with nothing
+    changed, where it does not apply."""
+    patch = git(repo, "diff", "-U0", parent, child, "--", *names, strip=False)
+    command = ["git", "apply", "--unidiff-zero", "--whitespace=nowarn", *(["-R"] if reverse else []), "-"]
+    return subprocess.run(command, cwd=folder, input=patch, text=True, capture_output=True).returncode == 0
+
+
+def identity(repo: Path) -> list[str]:
+    """git options naming the lab as the author where git knows no one (a lab started under another
+    HOME than the workspace was made under, a cluster's service account): else nothing."""
+    if git(repo, "config", "--get", "user.email", check=False):
+        return []
+    return ["-c", "user.name=autoresearch", "-c", "user.email=autoresearch@localhost"]
+
+
 def harness_fingerprint(profile_name: str, data: PreparedData) -> dict:
     """What the measurements depend on besides train.py; a change makes old and new incomparable."""
     code = hashlib.sha256()
@@ -159,7 +177,7 @@ class Tree:
 
     def commit(self, files: list[str], message: str) -> str:
         git(self.root, "add", "--", *files)
-        git(self.root, "commit", "-q", "--no-verify", "-m", message, "--", *files)
+        git(self.root, *identity(self.root), "commit", "-q", "--no-verify", "-m", message, "--", *files)
         return self.head()
 
     def diff(self, parent: str, child: str) -> str:
@@ -185,12 +203,8 @@ class Tree:
 
     def reapply(self, parent: str, child: str) -> bool:
         """Apply the change from `parent` to `child` onto the working tree; False, with nothing changed,
-        where it does not apply. The changed lines go without context around them (as `without`
-        undoes one), so that an edit of one line applies beside a kept edit of the next."""
-        patch = git(self.root, "diff", "-U0", parent, child, strip=False)
-        proc = subprocess.run(["git", "apply", "--unidiff-zero", "--whitespace=nowarn", "-"], cwd=self.root,
-                              input=patch, text=True, capture_output=True)
-        return proc.returncode == 0
+        where it does not apply (apply_lines)."""
+        return apply_lines(self.root, parent, child, self.root)
 
 
 @dataclass
@@ -244,9 +258,6 @@ class Workspace(Tree):
             git(root, "checkout", "-q", "-b", branch) if has_commits else git(root, "checkout", "-q", "--orphan", branch)
         else:
             git(root, "init", "-q", "-b", branch)
-        for key, value in (("user.name", "autoresearch"), ("user.email", "autoresearch@localhost")):
-            if not git(root, "config", "--get", key, check=False):
-                git(root, "config", key, value)
         for name, text in written.items():
             (root / name).write_text(text)
         if not (root / SETTINGS_FILE).exists():
@@ -255,7 +266,7 @@ class Workspace(Tree):
         existing = ignore.read_text().splitlines() if ignore.exists() else []
         ignore.write_text("\n".join(existing + [line for line in GITIGNORE.split() if line not in existing]) + "\n")
         git(root, "add", "train.py", "program.md", ".gitignore")
-        git(root, "commit", "-q", "-m", f"baseline: train.py for profile {profile}")
+        git(root, *identity(root), "commit", "-q", "-m", f"baseline: train.py for profile {profile}")
         config = {
             "version": 1,
             "id": uuid.uuid4().hex[:12],
@@ -441,12 +452,10 @@ class Workspace(Tree):
         """`name` as it is in `best` with `change` (a commit below it) undone alone, or None when later
         changes rewrote its lines. The change's lines are reversed with no context around them, so that a
         change of one constant is undone beside another kept change of the next line."""
-        patch = git(self.root, "diff", "-U0", f"{change}^", change, "--", name, strip=False)
         with tempfile.TemporaryDirectory(prefix="autoresearch-revert-") as tmp:
             (Path(tmp) / name).write_text(self.show(best, name))
-            (Path(tmp) / "change.patch").write_text(patch)
-            proc = subprocess.run(["git", "apply", "-R", "--unidiff-zero", "change.patch"], cwd=tmp, capture_output=True)
-            return (Path(tmp) / name).read_text() if proc.returncode == 0 else None
+            undone = apply_lines(self.root, f"{change}^", change, Path(tmp), name, reverse=True)
+            return (Path(tmp) / name).read_text() if undone else None
 
     def commit_aside(self, parent: str, files: dict[str, str], message: str) -> str:
         """A commit of `parent` with `files` replaced, made without touching the branch, the index or the
@@ -459,7 +468,7 @@ class Workspace(Tree):
             for name, text in files.items():
                 blob = run("hash-object", "-w", "--stdin", input=text)
                 run("update-index", "--add", "--cacheinfo", f"100644,{blob},{name}")
-            sha = run("commit-tree", run("write-tree"), "-p", parent, "-m", message)
+            sha = run(*identity(self.root), "commit-tree", run("write-tree"), "-p", parent, "-m", message)
         git(self.root, "update-ref", f"refs/autoresearch/aside/{sha}", sha)
         return sha
 

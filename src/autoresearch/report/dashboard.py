@@ -5,9 +5,21 @@ SVG, nothing from the internet) and JSON endpoints the page polls every 2 s:
 
     GET /api/trials       workspace, headline numbers, every trial (no diffs), a stamp that changes
                           when the ledger does
-    GET /api/current      the running trial, else the last one with a result, and its progress points
-                          (step, loss, tokens/s, MFU, time left) parsed from its train.log; when idle,
-                          also the latest trial if it ended without a result (crashed, stopped, ...)
+    GET /api/current      the running trial (with several slots: the latest begun), else the last one
+                          with a result, and its progress points (step, loss, tokens/s, MFU, time left)
+                          parsed from its train.log; when idle, also the latest trial if it ended
+                          without a result (crashed, stopped, ...)
+    GET /api/slots        every trial slot of the run (an older ledger: one), what it runs now with its
+                          latest progress point, and its share of the run:
+                          {"now", "shown" (the page lists the slots: several, or one lost), "recorded"
+                          (the ledger names its slots), "run_started", "span_seconds", "busy_fraction",
+                          "accelerator" ("GPU"/"CPU": what device_hours count), "device_hours",
+                          "slots": [{"slot", "where" (in words), "device", "gpus", "threads", "executor",
+                          "node", "host", "device_class", "state" ("running"/"idle"/"lost"),
+                          "lost_reason", "trial" (the running one, as in /api/current, or null),
+                          "progress" ({step, progress_pct, loss, tok_per_s, mfu_pct, remaining_s} or
+                          null), "on_cpu", "trials", "finished", "busy_seconds", "busy_fraction",
+                          "device_hours", "trials_per_hour"}]}
     GET /api/trial/<id>   one trial in full: diff, reason, decision, the end of its train.log
     GET /api/health       {"ok": true}
 
@@ -36,13 +48,15 @@ from autoresearch.lab.ledger import Trial
 from autoresearch.lab.outcomes import Kind
 from autoresearch.lab.workspace import Workspace
 
-from .data import (Analysis, LogFollower, ReportError, downsample, failure_name, find_workspace, ledger_stamp, load,
-                   read_tail, unsandboxed_text)
+from .data import (Analysis, LogFollower, ReportError, SlotState, downsample, failure_name, find_workspace,
+                   ledger_stamp, load, read_tail, unsandboxed_text)
 
 DEFAULT_PORT = 8765
 STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
           "style.css": "text/css; charset=utf-8"}
 RELOAD_SECONDS = 10.0  # re-read the ledger at least this often, changed or not
+FOLLOWED_LOGS = 16  # train.logs followed at once beyond one per slot; past that, they are read afresh
+PROGRESS_KEYS = ("step", "progress_pct", "loss", "lrm", "dt_ms", "tok_per_s", "mfu_pct", "epoch", "remaining_s")
 LOG_TAIL_BYTES = 8192
 CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'"
 
@@ -95,10 +109,10 @@ class DashboardState:
                 self._stamp, self._loaded_at = stamp, now
             return self._analysis
 
-    def follower(self, path: Path) -> LogFollower:
+    def follower(self, path: Path, slots: int = 1) -> LogFollower:
         with self.lock:
             if path not in self._followers:
-                if len(self._followers) > 16:
+                if len(self._followers) > FOLLOWED_LOGS + slots:  # every slot's log stays followed
                     self._followers.clear()
                 self._followers[path] = LogFollower(path)
             return self._followers[path]
@@ -133,7 +147,8 @@ class DashboardState:
             "improvement_high": interval.high if interval else None,
             "keep_rate": a.keep_rate,
             "kept_candidates": len(a.kept_candidates), "counted_candidates": len(a.counted_candidates),
-            "trials_per_hour": a.trials_per_hour, "compute_hours": a.compute_seconds / 3600,
+            "trials_per_hour": a.trials_per_hour, "compute_hours": a.device_hours,
+            "compute_basis": a.device_hours_basis, "slots": len(a.slots),
             "accelerator": a.accelerator, "hardware": a.hardware_text if a.hardware else "",
         }
         workspace = {"root": str(a.ws.root), "tag": cfg.get("tag", ""), "branch": cfg.get("branch", ""),
@@ -152,19 +167,43 @@ class DashboardState:
         latest = a.trials[-1] if a.trials else None
         payload = {"running": running is not None, "trial": None, "points": [], "last": None, "now": now,
                    "on_cpu": a.on_cpu(shown), "stale": [t.id for t in a.stale_running],
-                   "latest": None if running or latest is None or latest is shown else self._brief(latest, now)}
+                   "latest": None if running or latest is None or latest is shown else self._brief(latest, now, a)}
         if shown is not None:
-            points = self.follower(a.log_path(shown)).poll()
-            keep = ("step", "progress_pct", "loss", "lrm", "dt_ms", "tok_per_s", "mfu_pct", "epoch", "remaining_s")
-            slim = [{k: p.get(k) for k in keep if k in p} for p in downsample(points)]
-            payload.update(trial=self._brief(shown, now), points=slim, last=slim[-1] if slim else None)
+            points = self.follower(a.log_path(shown), len(a.slots)).poll()
+            slim = [{k: p.get(k) for k in PROGRESS_KEYS if k in p} for p in downsample(points)]
+            payload.update(trial=self._brief(shown, now, a), points=slim, last=slim[-1] if slim else None)
         return payload
 
+    def slots_payload(self) -> dict:
+        """Every slot of the run: where it is, what it runs now with its latest progress point, idle or lost,
+        and its share of the run (busy, finished trials, device-hours)."""
+        a = self.analysis()
+        now = time.time()
+        slots = []
+        for s in a.slots:
+            entry = {"slot": s.index, "where": s.where, "device": s.device, "gpus": s.gpus, "threads": s.threads,
+                     "executor": s.executor, "node": s.node, "host": s.host, "device_class": s.device_class,
+                     "state": s.state, "lost_reason": s.lost_reason, "trial": None, "progress": None,
+                     "on_cpu": s.device == "cpu" if s.device else a.accelerator == "CPU",
+                     "trials": len(s.trials), "finished": len(s.finished), "busy_seconds": s.busy_seconds,
+                     "busy_fraction": s.busy_fraction, "device_hours": s.device_hours,
+                     "trials_per_hour": s.trials_per_hour}
+            if s.state == SlotState.RUNNING:
+                points = self.follower(a.log_path(s.running), len(a.slots)).poll()
+                entry["trial"] = self._brief(s.running, now, a)
+                entry["progress"] = {k: points[-1].get(k) for k in PROGRESS_KEYS if k in points[-1]} if points else None
+            slots.append(entry)
+        return {"now": now, "shown": a.slots_worth_showing, "recorded": a.slots_recorded,
+                "run_started": a.run_started, "span_seconds": a.run_span_seconds,
+                "busy_fraction": a.slots_busy_fraction, "accelerator": a.accelerator, "device_hours": a.device_hours,
+                "slots": slots}
+
     @staticmethod
-    def _brief(trial: Trial, now: float) -> dict:
+    def _brief(trial: Trial, now: float, a: Analysis) -> dict:
+        slot = a.slot_of_trial(trial)
         return {"id": trial.id, "kind": trial.kind, "status": trial.status, "description": trial.description,
                 "started_at": trial.started_at, "val_bpb": trial.val_bpb, "reason": trial.reason,
-                "failure": failure_name(trial),
+                "failure": failure_name(trial), "slot": slot.index if slot else None,
                 "seconds": ((trial.ended_at or now) - trial.started_at) if trial.started_at else None}
 
     def trial_payload(self, trial_id: int) -> dict | None:
@@ -237,6 +276,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(state.trials_payload())
             if path == "/api/current":
                 return self._json(state.current_payload())
+            if path == "/api/slots":
+                return self._json(state.slots_payload())
             match = re.fullmatch(r"/api/trial/(\d+)", path)
             if match:
                 payload = state.trial_payload(int(match.group(1)))

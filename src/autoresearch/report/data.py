@@ -7,6 +7,10 @@ and never change a byte of it. Where SQLite still answers `database is locked` (
 an exclusive lock, a ledger not in WAL mode), the read is retried for a while and then refused
 with a message that says so.
 
+A run's trial slots (a GPU each, a share of the CPU, a slot on a cluster node) are read from the ledger's
+meta `slots`, which the lab writes for its latest run, and from the slot each trial's row names (its
+hardware's `slot`); a ledger from before there were slots is one slot, slot 0, that ran every trial.
+
 From the lab it takes the workspace, the ledger's `Trial` record and schema check, the time limits,
 and the lab's own rules for what the ledger means: the best commit and its runs (decide.current_best)
 and the noise (noise.workspace_noise), so that the report never tells a story the lab did not decide
@@ -31,11 +35,13 @@ from autoresearch.lab.decide import VALUE_KINDS, Best, DecisionRule, current_bes
 from autoresearch.lab.ledger import LedgerVersionError, Trial, check_schema_version
 from autoresearch.lab.limits import trial_limit
 from autoresearch.lab.noise import Interval, NoiseEstimate, detectable_gain, gain_interval, workspace_noise
-from autoresearch.lab.outcomes import Kind, Status
+from autoresearch.lab.outcomes import Kind, NamedValue, Status
 from autoresearch.lab.workspace import Workspace, WorkspaceError
 
 RETRY_SECONDS = 10.0  # how long a read waits out a locked ledger before giving up
 NOISE_SINCE = "noise_since"  # the ledger meta where the lab (lab.loop.NOISE_SINCE) starts its noise epoch
+SLOTS = "slots"  # the ledger meta where the lab (lab.loop.SLOTS) records the trial slots of its latest run
+GPU_DEVICES = frozenset({"cuda", "mps", "xpu", "rocm"})  # devices whose hours are GPU-hours
 
 
 class ReportError(UserError):
@@ -346,6 +352,117 @@ class KeptChange:
         return fmean(self.best_before)
 
 
+# --- trial slots ---------------------------------------------------------------------------------------
+class SlotState(NamedValue):
+    """What a trial slot is doing as the ledger was read."""
+
+    RUNNING = "running"
+    IDLE = "idle"
+    LOST = "lost"  # its machine went away: it takes no more work this run
+
+
+def _int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def slot_of(trial: Trial) -> int:
+    """The slot that ran `trial`, as its row says; a row from before there were slots ran in slot 0."""
+    return _int((trial.hardware or {}).get("slot")) or 0
+
+
+def gpu_count(gpus, device_class: str | None) -> int:
+    """How many GPUs a trial held: its list of them, else the count its device class names
+    (`2x NVIDIA H100 ...`), else one."""
+    if isinstance(gpus, list) and gpus:
+        return len(gpus)
+    match = re.match(r"(\d+)x ", device_class or "")
+    return int(match.group(1)) if match else 1
+
+
+@dataclass
+class SlotView:
+    """One trial slot of the latest run: where it is (as the lab recorded it, meta `slots`), what it runs
+    now, and what it ran over the run. An older ledger, which records no slots, is one slot: slot 0."""
+
+    index: int
+    device: str = ""  # "cuda", "cpu", ...; "" where nothing says
+    gpus: list[int] | None = None  # None: every GPU of its machine
+    threads: int | None = None
+    executor: str = "local"  # "local", or "ray" for a slot on a node of a Ray cluster
+    node: str | None = None
+    host: str = ""
+    device_class: str = ""
+    lost: bool = False
+    lost_reason: str = ""
+    trials: list[Trial] = field(default_factory=list)  # what it ran in the run, in order
+    running: Trial | None = None  # its trial in flight; never a row a dead lab left running
+    busy_seconds: float = 0.0  # the wall time of its trials, the one in flight up to now
+    device_seconds: float = 0.0  # busy_seconds, each trial's times the GPUs it held (a CPU slot: once)
+    span_seconds: float | None = None  # the run's span, the same for every slot
+
+    @classmethod
+    def recorded(cls, entry: dict, index: int) -> "SlotView":
+        """A slot from its meta entry, tolerant of fields an older or newer lab writes otherwise."""
+        gpus = entry.get("gpus")
+        return cls(index=index, device=str(entry.get("device") or ""),
+                   gpus=[g for g in gpus if _int(g) is not None] if isinstance(gpus, list) else None,
+                   threads=_int(entry.get("threads")), executor=str(entry.get("executor") or "local"),
+                   node=entry.get("node") if isinstance(entry.get("node"), str) else None,
+                   host=str(entry.get("host") or ""), device_class=str(entry.get("device_class") or ""),
+                   lost=entry.get("lost") is True, lost_reason=str(entry.get("lost_reason") or ""))
+
+    @property
+    def state(self) -> SlotState:
+        if self.lost:
+            return SlotState.LOST
+        return SlotState.RUNNING if self.running is not None else SlotState.IDLE
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device in GPU_DEVICES
+
+    @property
+    def finished(self) -> list[Trial]:
+        return [t for t in self.trials if t.status != Status.RUNNING]
+
+    @property
+    def busy_fraction(self) -> float | None:
+        """The share of the run's span it had a trial in flight; None before the run has a span."""
+        if not self.span_seconds or self.span_seconds <= 0:
+            return None
+        return min(1.0, self.busy_seconds / self.span_seconds)
+
+    @property
+    def device_hours(self) -> float:
+        return self.device_seconds / 3600
+
+    @property
+    def trials_per_hour(self) -> float | None:
+        """Trials it finished per hour of the run's span."""
+        if not self.span_seconds or self.span_seconds <= 0:
+            return None
+        return len(self.finished) / (self.span_seconds / 3600)
+
+    @property
+    def where(self) -> str:
+        """Where it runs, for people: `GPU 0 (NVIDIA H100 80GB HBM3)`, `CPU, 4 threads`, and the host of
+        a cluster node's slot."""
+        if self.on_gpu:
+            if self.gpus:
+                head = f"GPU {self.gpus[0]}" if len(self.gpus) == 1 else f"GPUs {', '.join(map(str, self.gpus))}"
+            else:  # which of its machine's GPUs is not recorded (a cluster node assigns them): how many is
+                count = gpu_count(None, self.device_class)
+                head = "GPU" if count == 1 else f"{count} GPUs"
+            text = f"{head} ({self.device_class})" if self.device_class else head
+        elif self.device == "cpu":
+            text = f"CPU, {self.threads} thread{'' if self.threads == 1 else 's'}" if self.threads else "CPU"
+        else:
+            text = self.device_class or self.device or "this machine"
+        if self.executor != "local" or self.node:
+            text += f" on {self.host or 'node ' + (self.node or '?')[:12]}"
+        return text
+
+
 @dataclass
 class Analysis:
     ws: Workspace
@@ -364,6 +481,7 @@ class Analysis:
         # The lab's view: its rule, the device its numbers are of, the noise of this epoch there.
         self.rule = self._rule()
         self.device_class = main_device_class(t)
+        self._slots()
         since = self.meta.get(NOISE_SINCE)
         self.since = int(since) if isinstance(since, (int, float)) and not isinstance(since, bool) else 0
         self.noise: NoiseEstimate = workspace_noise(t, self.device_class, self.rule or DecisionRule(), self.since)
@@ -388,6 +506,99 @@ class Analysis:
         # Trials the person chose to run without the sandbox: their numbers rest on trusting train.py.
         self.unsandboxed = [x for x in t if not x.sandboxed]
         self._replay()
+
+    def _slots(self) -> None:
+        """The slots of the latest run (meta `slots`; an older ledger: one), the trials each ran in that run
+        and its busy time, and the run's span, from its start to now while a trial runs, else to its last end."""
+        entries = self.meta.get(SLOTS)
+        entries = [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+        self.slots_recorded = bool(entries)
+        self._live_ids = {x.id for x in self.live_running}
+        views: dict[int, SlotView] = {}
+        if entries:
+            for n, entry in enumerate(entries):
+                index = _int(entry.get("slot"))
+                index = n if index is None else index
+                views[index] = SlotView.recorded(entry, index)
+            starts = [_number(e.get("started_at")) for e in entries if _number(e.get("started_at")) is not None]
+            self.run_started = min(starts) if starts else None
+        else:
+            hw = self.hardware
+            views[0] = SlotView(0, device=str(hw.get("device") or ("cpu" if self.accelerator == "CPU" else "")),
+                                gpus=hw.get("gpus") if isinstance(hw.get("gpus"), list) else None,
+                                threads=_int(hw.get("threads")), device_class=self.device_class or "")
+            self.run_started = None
+        # The rows of this run: an earlier run's slot numbers may have named other devices.
+        self.run_trials = [x for x in self.trials if self.run_started is None or (x.started_at or 0) >= self.run_started]
+        self._slot_by_trial: dict[int, SlotView] = {}
+        for x in self.run_trials:
+            k = slot_of(x)
+            view = views.setdefault(k, SlotView(k))  # a slot the record does not name: its rows still count
+            self._slot_by_trial[x.id] = view
+            view.trials.append(x)
+            seconds = self.wall_seconds(x)
+            view.busy_seconds += seconds
+            view.device_seconds += seconds * self.devices_of(x)
+            if x.id in self._live_ids:
+                view.running = x
+        self.slots = [views[k] for k in sorted(views)]
+        self.run_span_seconds = self._span(self.run_trials, self.run_started)
+        for view in self.slots:
+            view.span_seconds = self.run_span_seconds
+
+    def _span(self, trials: list[Trial], start: float | None = None) -> float | None:
+        """From `start` (else the first trial's start) to the last end of `trials`, or now while one of them
+        runs. A row a dead lab left running ends nowhere: counting it up to now would make the run look ever
+        slower."""
+        if start is None:
+            if not trials:
+                return None
+            start = min(x.started_at for x in trials)
+        ends = [x.ended_at for x in trials if x.status != Status.RUNNING and x.ended_at]
+        if any(x.id in self._live_ids for x in trials):
+            ends.append(self.read_at)
+        return max(ends) - start if ends else None
+
+    def wall_seconds(self, trial: Trial) -> float:
+        """How long `trial` held its slot: start to end, the one in flight up to now; a row a dead lab left
+        running, nothing (when it ended is not known)."""
+        if trial.status == Status.RUNNING:
+            return max(0.0, self.read_at - trial.started_at) if trial.id in self._live_ids and trial.started_at else 0.0
+        if trial.ended_at and trial.started_at:
+            return max(0.0, trial.ended_at - trial.started_at)
+        return trial.total_seconds or 0.0
+
+    def slot_of_trial(self, trial: Trial) -> SlotView | None:
+        """The slot of the latest run that ran `trial`; None for a trial of an earlier run."""
+        return self._slot_by_trial.get(trial.id)
+
+    def devices_of(self, trial: Trial) -> int:
+        """The devices `trial` held, that its hours count times: the GPUs of a GPU trial (as its row records
+        them, else its slot), one for a CPU trial."""
+        hw, slot = trial.hardware or {}, self.slot_of_trial(trial)
+        device = hw.get("device") or (slot.device if slot else "") or ("cpu" if self.accelerator == "CPU" else "cuda")
+        if device not in GPU_DEVICES:
+            return 1
+        gpus = hw.get("gpus") if isinstance(hw.get("gpus"), list) else (slot.gpus if slot else None)
+        return gpu_count(gpus, trial.device_class or (slot.device_class if slot else None))
+
+    @property
+    def several_slots(self) -> bool:
+        return len(self.slots) > 1
+
+    @property
+    def slots_worth_showing(self) -> bool:
+        """Whether the views list the slots: where there are several, or the one there is was lost (with
+        one slot at work, the trial in flight says all)."""
+        return self.several_slots or any(s.lost for s in self.slots)
+
+    @property
+    def slots_busy_fraction(self) -> float | None:
+        """The share of the run's slot time that had a trial in flight, over every slot."""
+        span = self.run_span_seconds
+        if not span or span <= 0 or not self.slots:
+            return None
+        return min(1.0, sum(s.busy_seconds for s in self.slots) / (span * len(self.slots)))
 
     def _rule(self) -> DecisionRule | None:
         """The workspace's decision rule; None where its config names one this version cannot read."""
@@ -521,12 +732,8 @@ class Analysis:
 
     @property
     def span_seconds(self) -> float | None:
-        if not self.trials:
-            return None
-        start = min(x.started_at for x in self.trials)
-        # A row a dead lab left running ends nowhere: counting it up to now would make the run look ever slower.
-        ends = [x.ended_at for x in self.finished if x.ended_at] + ([self.read_at] if self.live_running else [])
-        return max(ends) - start if ends else None
+        """From the ledger's first trial to its last end (now, while a trial runs)."""
+        return self._span(self.trials)
 
     @property
     def trials_per_hour(self) -> float | None:
@@ -545,16 +752,29 @@ class Analysis:
         return total
 
     @property
+    def device_hours(self) -> float:
+        """The hours of compute the trials took, in `accelerator`-hours: each trial's wall time (the one in
+        flight up to now) times the GPUs it held; a CPU trial's once."""
+        return sum(self.wall_seconds(x) * self.devices_of(x) for x in self.trials) / 3600
+
+    @property
+    def device_hours_basis(self) -> str:
+        """How device_hours were counted, in words."""
+        return "trial wall time × the GPUs of its slot" if self.accelerator == "GPU" else "sum of trial wall times"
+
+    @cached_property
     def hardware(self) -> dict:
-        """The hardware most trials were measured on ({} when none was recorded)."""
-        seen = Counter(json.dumps(x.hardware, sort_keys=True) for x in self.trials if x.hardware)
+        """The hardware most trials were measured on ({} when none was recorded). Which slot ran a trial is
+        no hardware: a row that records only that (a trial still running) says nothing here."""
+        rows = ({k: v for k, v in (x.hardware or {}).items() if k != "slot"} for x in self.trials)
+        seen = Counter(json.dumps(hw, sort_keys=True) for hw in rows if hw)
         return json.loads(seen.most_common(1)[0][0]) if seen else {}
 
     @property
     def accelerator(self) -> str:
         """`GPU` or `CPU`: what the compute hours are counted in."""
         device = self.hardware.get("device")
-        if device in ("cuda", "mps", "xpu", "rocm"):
+        if device in GPU_DEVICES:
             return "GPU"
         if device == "cpu" or self.ws.config.get("profile") == "cpu":
             return "CPU"
@@ -564,6 +784,8 @@ class Analysis:
         """Whether `trial` ran on a CPU: by its own record, else (still running, or nothing recorded) by
         what the workspace's trials ran on."""
         device = (trial.hardware or {}).get("device") if trial is not None else None
+        slot = self.slot_of_trial(trial) if trial is not None and not device else None
+        device = device or (slot.device if slot else None)
         return device == "cpu" if device else self.accelerator == "CPU"
 
     @property
@@ -618,6 +840,33 @@ class Analysis:
             return delta
         before = self._before_values(trial)
         return fmean(before) - fmean(trial.values) if before else None
+
+
+def slot_progress_text(point: dict | None) -> str:
+    """A running trial's progress in a few words: `step 340 (45%)`, or what it is doing before its first
+    progress line."""
+    if not point:
+        return "starting (no progress line yet)"
+    pct = _number(point.get("progress_pct"))
+    return f"step {point.get('step')}" + (f" ({pct:.0f}%)" if pct is not None else "")
+
+
+def slot_now_text(a: Analysis, slot: SlotView, width: int = 60) -> str:
+    """What a slot does now, in words: `running trial 12: <description>, 1m20s, step 340 (45%)` (from the
+    last progress line of its train.log), `idle`, or `lost: <why>`."""
+    if slot.state == SlotState.LOST:
+        return f"lost: {slot.lost_reason or 'its machine went away'}"
+    if slot.state == SlotState.IDLE:
+        return "idle"
+    trial = slot.running
+    point = last_progress(a.log_path(trial))
+    description = trial.description if len(trial.description) <= width else trial.description[:width - 1] + "…"
+    elapsed = a.read_at - trial.started_at if trial.started_at else None
+    return f"running trial {trial.id}: {description}, {duration(elapsed)}, {slot_progress_text(point)}"
+
+
+def percent(fraction: float | None) -> str:
+    return f"{100 * fraction:.0f}%" if fraction is not None else "-"
 
 
 def sigma_basis(a: Analysis) -> str:

@@ -9,11 +9,12 @@ from pathlib import Path
 
 from autoresearch.lab.outcomes import Kind
 
-from .data import (UNSANDBOXED_NOTE, Analysis, crash_detail, detectable_text, duration, reason_text, sigma_basis,
-                   sigma_text, unsandboxed_text)
+from .data import (UNSANDBOXED_NOTE, Analysis, SlotState, crash_detail, detectable_text, duration, percent,
+                   reason_text, sigma_basis, sigma_text, slot_now_text, unsandboxed_text)
 from .plots import BAND_SIGMAS
 from .sealed_results import TestResult
-from .summary import bpb, confirmation_lines, effect_uncertainty, interval_text, signed, throughput, uncounted_text
+from .summary import (bpb, confirmation_lines, effect_uncertainty, interval_text, run_started_text, signed,
+                      throughput, uncounted_text)
 
 CSS = """
 :root { --fg:#1d2330; --muted:#667085; --line:#e4e7ec; --keep:#2ca02c; --discard:#9e9e9e; --crash:#d62728;
@@ -50,6 +51,10 @@ details summary { cursor: pointer; }
 li { margin: 4px 0; }
 .reason { color: var(--muted); font-size: 12px; }
 .warning { border: 1px solid #c0392b; color: #c0392b; padding: 8px 12px; border-radius: 6px; }
+.busy { display: inline-block; width: 80px; height: 8px; background: var(--line); border-radius: 4px;
+        vertical-align: middle; margin-right: 6px; overflow: hidden; }
+.busy span { display: block; height: 100%; background: var(--base); }
+.slot-lost { color: #b26a00; }
 """
 
 
@@ -74,6 +79,29 @@ def diff_html(diff: str) -> str:
 def _card(label: str, value: str, sub: str = "") -> str:
     return (f'<div class="card"><div class="label">{esc(label)}</div><div class="value">{esc(value)}</div>'
             f'<div class="sub">{esc(sub)}</div></div>')
+
+
+def slots_section(a: Analysis) -> str:
+    """The run's slots, one row each: where, how busy, what each finished and its device-hours, and what it
+    does now. Empty for an older ledger, which records no slots."""
+    if not a.slots_recorded:
+        return ""
+    rows = []
+    for s in a.slots:
+        fraction = s.busy_fraction or 0.0
+        now = slot_now_text(a, s)
+        rows.append(
+            f'<tr data-slot="{s.index}"><td class=num>{s.index}</td><td>{esc(s.where)}</td>'
+            f'<td><span class="busy"><span style="width:{100 * fraction:.1f}%"></span></span>'
+            f"{percent(s.busy_fraction)}</td><td class=num>{len(s.finished)}</td>"
+            f"<td class=num>{f'{s.trials_per_hour:.1f}' if s.trials_per_hour is not None else '-'}</td>"
+            f"<td class=num>{s.device_hours:.2f}</td>"
+            f'<td{" class=slot-lost" if s.state == SlotState.LOST else ""}>{esc(now)}</td></tr>')
+    return (f"<h2>Slots</h2><p class=muted>{len(a.slots)} slot(s), busy {percent(a.slots_busy_fraction)} of the "
+            f"run's {duration(a.run_span_seconds)} since {esc(run_started_text(a))}. Busy: the share of the run a "
+            f"trial was in flight there; {esc(a.accelerator)}-hours: {esc(a.device_hours_basis)}.</p>"
+            f"<table><thead><tr><th>slot</th><th>where</th><th>busy</th><th>trials finished</th><th>trials/h</th>"
+            f"<th>{esc(a.accelerator)}-hours</th><th>now</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
 def render_html(a: Analysis, tests: list[TestResult], png: Path | None) -> str:
@@ -103,7 +131,10 @@ def render_html(a: Analysis, tests: list[TestResult], png: Path | None) -> str:
                            + (f"; not counted: {uncounted}" if uncounted else "")))
     if a.trials_per_hour is not None:
         cards.append(_card("pace", f"{a.trials_per_hour:.1f} trials/h", f"over {duration(a.span_seconds)}"))
-    cards.append(_card(f"{a.accelerator}-hours", f"{a.compute_seconds / 3600:.2f}", "sum of trial wall times"))
+    cards.append(_card(f"{a.accelerator}-hours", f"{a.device_hours:.2f}", a.device_hours_basis))
+    if a.slots_recorded:
+        cards.append(_card("slots busy", percent(a.slots_busy_fraction),
+                           f"{len(a.slots)} slot(s) over the run's {duration(a.run_span_seconds)}"))
     cards.append(_card("crashes", str(len(a.crashes)), f"{len(a.crash_groups())} kind(s)"))
     speed = throughput(a)
     if speed:
@@ -138,6 +169,8 @@ def render_html(a: Analysis, tests: list[TestResult], png: Path | None) -> str:
         crashes.append(f"<li><b>{esc(name)}</b> ({len(trials)})<ul>{items}</ul></li>")
     crash_html = f"<ul>{''.join(crashes)}</ul>" if crashes else "<p>No crashes.</p>"
 
+    slots_html = slots_section(a)
+
     rows = []
     for t in a.trials:
         delta = a.delta_of(t) if t.kind == Kind.CANDIDATE else None
@@ -166,6 +199,7 @@ hardware {esc(a.hardware_text)} · generated {esc(time.strftime('%Y-%m-%d %H:%M:
 <div class="cards">{''.join(cards)}</div>
 <h2>Progress</h2>
 {plot}
+{slots_html}
 <h2>Kept changes, by measured effect</h2>
 <p class="muted">Effect: the gain the lab decided on, the mean val_bpb of the best the change was measured against
 minus the change's own (positive is better), in bits per byte, with the 95% interval its decision recorded (in older

@@ -1,7 +1,8 @@
 """`autoresearch status`: where the run stands, in the terminal.
 
 The trial in flight (its step, loss, tokens/s, MFU and time left, from the last progress line of
-its train.log), the best so far, the noise floor, and the last trials. Printed once by default;
+its train.log), where the run has several trial slots every slot (what it runs, idle, or lost, and
+how busy it has been), the best so far, the noise floor, and the last trials. Printed once by default;
 `--watch` redraws it every few seconds (rich Live on a terminal, a fresh print per refresh when
 the output is not one). Reads the ledger read-only: safe while the loop runs.
 """
@@ -20,14 +21,15 @@ from rich.text import Text
 
 from autoresearch.lab.outcomes import Kind, Status
 
-from .data import (UNSANDBOXED_NOTE, Analysis, ReportError, detectable_text, duration, find_workspace, last_progress,
-                   load, mfu_text, reason_text, sigma_text, unsandboxed_text)
+from .data import (UNSANDBOXED_NOTE, Analysis, ReportError, SlotState, detectable_text, duration, find_workspace,
+                   last_progress, load, mfu_text, percent, reason_text, sigma_text, slot_now_text, unsandboxed_text)
 
 STATUS_STYLE = {Status.KEEP: "bold green", Status.DISCARD: "grey62", Status.CRASH: "bold red",
                 Status.RUNNING: "bold yellow", Status.STOPPED: "yellow", Status.LOST: "yellow", Status.EMPTY: "grey62",
                 Status.SUPERSEDED: "cyan"}
 # Trials that ended without a decision of their own, listed with why.
 EXPLAINED = (Status.CRASH, Status.STOPPED, Status.LOST, Status.EMPTY, Status.SUPERSEDED)
+SLOT_STYLE = {SlotState.RUNNING: "yellow", SlotState.IDLE: "grey62", SlotState.LOST: "bold red"}
 
 
 def _fmt(value, spec: str, missing: str = "-") -> str:
@@ -42,6 +44,9 @@ def current_lines(a: Analysis) -> list[Text]:
         elapsed = a.read_at - t.started_at if t.started_at else None
         head = Text.assemble(("now  ", "bold"), (f"trial {t.id} ", "bold yellow"), (f"[{t.kind}] ", "dim"),
                              (t.description, ""), (f"  running for {duration(elapsed)}", "dim"))
+        slot = a.slot_of_trial(t)
+        if a.several_slots and slot is not None:
+            head.append(f" in slot {slot.index}", "dim")
         lines.append(head)
         if t in a.stale_running:
             lines.append(Text(f"     no trial runs this long: the lab stopped during it (kill -9, a reboot?); "
@@ -67,6 +72,25 @@ def current_lines(a: Analysis) -> list[Text]:
             if budget and elapsed is not None:
                 note += f"; budget {budget:g}s"
             lines.append(Text("     " + note, style="dim"))
+    return lines
+
+
+def slot_lines(a: Analysis) -> list[Text]:
+    """Every slot of the run, where there are several (or the one was lost): where it is, what it runs
+    now, and the share of the run it has been busy."""
+    if not a.slots_worth_showing:
+        return []
+    head = Text.assemble(("slots", "bold"), f" {len(a.slots)}")
+    if a.slots_busy_fraction is not None:
+        head.append(f" · busy {percent(a.slots_busy_fraction)} of the run's {duration(a.run_span_seconds)}"
+                    f" · {a.device_hours:.2f} {a.accelerator}-h")
+    lines = [head]
+    for slot in a.slots:
+        line = Text.assemble(f"  slot {slot.index}  ", (slot.where, "bold"), "  ",
+                             (slot_now_text(a, slot), SLOT_STYLE[slot.state]))
+        if slot.busy_fraction is not None:
+            line.append(f"  · busy {percent(slot.busy_fraction)}, {len(slot.finished)} finished", "dim")
+        lines.append(line)
     return lines
 
 
@@ -99,7 +123,7 @@ def summary_lines(a: Analysis) -> list[Text]:
     if a.keep_rate is not None:
         tally.append(f"  · keep rate {100 * a.keep_rate:.0f}% of {len(a.counted_candidates)} candidates")
     if a.trials_per_hour is not None:
-        tally.append(f"  · {a.trials_per_hour:.1f}/h  · {a.compute_seconds / 3600:.2f} {a.accelerator}-h")
+        tally.append(f"  · {a.trials_per_hour:.1f}/h  · {a.device_hours:.2f} {a.accelerator}-h")
     lines.append(tally)
     return lines
 
@@ -142,6 +166,10 @@ def render_status(a: Analysis, last: int = 15):
     current = current_lines(a)
     if current:
         parts.append(Panel(Group(*current), box=box.ROUNDED, border_style="yellow", padding=(0, 1)))
+    slots = slot_lines(a)
+    if slots:
+        parts.extend(slots)
+        parts.append(Text(""))
     parts.extend(summary_lines(a))
     parts.append(Text(""))
     parts.append(trials_table(a, last))

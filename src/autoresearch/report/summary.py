@@ -8,8 +8,8 @@ from autoresearch.lab.ledger import Trial
 from autoresearch.lab.outcomes import Status
 from autoresearch.lab.sealed import Role
 
-from .data import (COUNTED, Analysis, KeptChange, crash_detail, detectable_text, duration, mfu_text, sigma_text,
-                   tokens_per_second, unsandboxed_text)
+from .data import (COUNTED, Analysis, KeptChange, SlotState, SlotView, crash_detail, detectable_text, duration,
+                   mfu_text, percent, sigma_text, slot_now_text, tokens_per_second, unsandboxed_text)
 from .plots import BAND_SIGMAS
 from .sealed_results import TestResult
 
@@ -102,13 +102,38 @@ def pace_lines(a: Analysis) -> list[str]:
                      f"({100 * a.keep_rate:.0f}%)" + (f"; not counted: {uncounted}" if uncounted else ""))
     if a.trials_per_hour is not None:
         lines.append(f"- pace: {a.trials_per_hour:.1f} trials per hour over {duration(a.span_seconds)}; "
-                     f"{a.compute_seconds / 3600:.2f} {a.accelerator}-hours (sum of trial wall times: "
-                     f"{duration(a.compute_seconds)})")
+                     f"{a.device_hours:.2f} {a.accelerator}-hours ({a.device_hours_basis}: "
+                     f"{duration(a.device_hours * 3600)})")
+    lines.extend(slot_lines(a))
     speed = throughput(a)
     if speed:
         tokens, mfu, run = speed
         lines.append(f"- throughput of the best: {tokens}, {mfu} (trial {run.id})")
     lines.append(f"- hardware: {a.hardware_text}")
+    return lines
+
+
+def run_started_text(a: Analysis) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(a.run_started)) if a.run_started else "its first trial"
+
+
+def slot_facts(a: Analysis, slot: SlotView) -> str:
+    """A slot's share of the run in words: how busy, what it finished, at what pace, in how many device-hours."""
+    pace = f" ({slot.trials_per_hour:.1f} per hour)" if slot.trials_per_hour is not None else ""
+    return (f"busy {percent(slot.busy_fraction)}, {len(slot.finished)} trial(s) finished{pace}, "
+            f"{slot.device_hours:.2f} {a.accelerator}-hours")
+
+
+def slot_lines(a: Analysis) -> list[str]:
+    """Every slot of the latest run and its share of it, where the ledger records the run's slots (an older
+    ledger does not: its trials ran one at a time, and the pace says it all)."""
+    if not a.slots_recorded:
+        return []
+    lines = [f"- slots: {len(a.slots)}, busy {percent(a.slots_busy_fraction)} of the run's "
+             f"{duration(a.run_span_seconds)} (since {run_started_text(a)})"]
+    for slot in a.slots:
+        now = "" if slot.state == SlotState.IDLE else f"; now {slot_now_text(a, slot)}"
+        lines.append(f"  - slot {slot.index}, {slot.where}: {slot_facts(a, slot)}{now}")
     return lines
 
 

@@ -24,6 +24,7 @@ import math
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -424,6 +425,16 @@ def cpu_has_bf16():
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
+def sum_gradients(model):
+    """Data parallelism, under torchrun: one all-reduce of every rank's gradients, laid end to end. Each rank divided
+    its loss by the number of ranks: the sum is the gradient of one process over every rank's micro-batches."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    for g, summed in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(summed.view_as(g))
+
+
 def setup_device(model, device):
     """Precision and attention kernels for `device`: (autocast context, SDPA-backend context, description)."""
     autocast, attn_kernels, paths = contextlib.nullcontext(), contextlib.nullcontext(), "sdpa"
@@ -480,17 +491,20 @@ def check_fused_loss(model, inputs, targets, autocast):
 
 def main():
     run = harness.start_run()
-    device, T = run.device, run.seq_len
-    cuda = device.type == "cuda"
+    device, T, world = run.device, run.seq_len, run.world_size
+    cuda, lead = device.type == "cuda", run.rank == 0  # the lead rank prints and hands the weights in
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     compiled = cuda  # torch.compile pays off on CUDA only; CPU and MPS run eagerly
     seed = run.seed(SEED)  # the lab may repeat a run under another seed
     torch.manual_seed(seed)
     if cuda:
         torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in fp32
-    tokens_per_pass = DEVICE_BATCH_SIZE * T
+    tokens_per_pass = DEVICE_BATCH_SIZE * T * world  # one micro-batch of every rank
     if TOTAL_BATCH_SIZE % tokens_per_pass:
-        raise ValueError(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} must be a multiple of DEVICE_BATCH_SIZE * "
-                         f"seq_len = {DEVICE_BATCH_SIZE} * {T} = {tokens_per_pass}")
+        ranks = (" * ranks", f" * {world}") if world > 1 else ("", "")
+        raise ValueError(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} must be a multiple of DEVICE_BATCH_SIZE * seq_len"
+                         f"{ranks[0]} = {DEVICE_BATCH_SIZE} * {T}{ranks[1]} = {tokens_per_pass}")
     grad_accum = TOTAL_BATCH_SIZE // tokens_per_pass
 
     config = model_config(run.vocab_size, T)
@@ -503,11 +517,12 @@ def main():
     fused_loss = compiled and softcap_loss.available(device)
     train_loss = make_loss_fn(model, compiled, fused_loss)
     loader = run.train_loader(DEVICE_BATCH_SIZE, seed)
-    peak = harness.peak_flops(harness.device_name(device))  # 0 where unknown: no MFU
-    print(f"device={device} profile={run.profile.name} params={num_params:,} width={config['n_embd']} "
-          f"heads={config['n_head']} kv_heads={config['n_kv_head']} windows={model.windows} attention={paths} "
-          f"loss={'fused' if fused_loss else 'plain'} grad_accum={grad_accum} budget_s={run.time_budget:g} "
-          f"flops_per_token={flops:.3e}", flush=True)
+    peak = harness.peak_flops(harness.device_name(device)) * world  # 0 where unknown: no MFU
+    if lead:
+        print(f"device={device} profile={run.profile.name} params={num_params:,} width={config['n_embd']} "
+              f"heads={config['n_head']} kv_heads={config['n_kv_head']} windows={model.windows} attention={paths} "
+              f"loss={'fused' if fused_loss else 'plain'} grad_accum={grad_accum} ranks={world} "
+              f"budget_s={run.time_budget:g} flops_per_token={flops:.3e}", flush=True)
 
     with attn_kernels:
         # Warm-up on the lab's random rows: compilation and allocation, before the clock; nothing is learnt.
@@ -521,6 +536,9 @@ def main():
         gc.collect()  # everything allocated from now on lives until the end: stop the GC
         gc.freeze()
         gc.disable()
+        if world > 1:  # every rank starts from rank 0's weights, and the clock once the slowest is ready
+            for p in model.parameters():
+                dist.broadcast(p.data, src=0)
         run.training_started()
         t_train = time.time()  # the budget counts from here, on the lab's clock too, to the hand-in
 
@@ -531,8 +549,10 @@ def main():
             for _ in range(grad_accum):
                 with autocast:
                     loss = train_loss(inputs, targets)
-                (loss / grad_accum).backward()
+                (loss / (grad_accum * world)).backward()
                 inputs, targets, epoch = next(loader)
+            if world > 1:
+                sum_gradients(model)
             progress = min(training_time / run.time_budget, 1.0)
             lrm = lr_multiplier(progress)
             for group in optimizer.param_groups:
@@ -543,17 +563,21 @@ def main():
             optimizer.step()
             model.zero_grad(set_to_none=True)
             loss_f = loss.item()  # waits for the device
+            dt = time.time() - t0
+            training_time = time.time() - t_train
+            if world > 1:  # the mean loss and rank 0's clock (the lab's), so that every rank decides alike
+                shared = torch.tensor([loss_f / world, training_time * lead, dt * lead], dtype=torch.double).to(device)
+                dist.all_reduce(shared)
+                loss_f, training_time, dt = shared.tolist()
             if not math.isfinite(loss_f) or loss_f > 100:
                 raise harness.TrainingDiverged(
                     f"training loss is {loss_f} at step {step}: the run diverged. Lower the learning rates "
                     "(MATRIX_LR, EMBEDDING_LR, UNEMBEDDING_LR, SCALAR_LR), or undo the last change.")
-            dt = time.time() - t0
-            training_time = time.time() - t_train
             step += 1
             smooth_loss = 0.9 * smooth_loss + 0.1 * loss_f
             done = training_time + dt > run.time_budget  # another step would overrun it
             now = time.time()
-            if step <= 3 or done or now - last_log >= LOG_EVERY_S:
+            if lead and (step <= 3 or done or now - last_log >= LOG_EVERY_S):
                 last_log = now
                 tok_s = TOTAL_BATCH_SIZE / dt
                 print(f"train step={step} progress_pct={100 * progress:.1f} loss={smooth_loss / (1 - 0.9**step):.4f} "
@@ -564,9 +588,12 @@ def main():
                 break
 
     # The clock stops when the weights reach the lab, which scores them and prints the summary.
-    run.save_checkpoint(model, config, num_steps=step, flops_per_token=flops, depth=DEPTH,
-                        final_train_loss=smooth_loss / (1 - 0.9**step), epoch=epoch, attention=paths,
-                        loss="fused" if fused_loss else "plain", seed=seed)
+    if lead:
+        run.save_checkpoint(model, config, num_steps=step, flops_per_token=flops, depth=DEPTH,
+                            final_train_loss=smooth_loss / (1 - 0.9**step), epoch=epoch, attention=paths,
+                            loss="fused" if fused_loss else "plain", seed=seed)
+    if world > 1:
+        dist.destroy_process_group()  # a rank leaving with its group alive may abort: torchrun would see a crash
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 // The autoresearch dashboard: polls the JSON endpoints of the local server every 2 s and draws the
-// trial table, the progress plot and the current trial's loss curve. Plain JS and SVG: no library,
+// trial table, the progress plot, the current trial's loss curve and, where the run has several trial
+// slots, what each slot runs. Plain JS and SVG: no library,
 // no CDN, nothing leaves 127.0.0.1.
 "use strict";
 
@@ -11,8 +12,8 @@ const COLORS = { baseline: "#1f77b4", keep: "#2ca02c", discard: "#9e9e9e", crash
 // Runs that decide nothing by themselves (reruns, the best or the baseline again, ablations): hollow markers.
 const HOLLOW = new Set(["rerun", "drift", "confirm", "ablation"]);
 
-const state = { trialsStamp: null, trials: [], summary: null, current: null, seen: new Set(), first: true,
-                detailId: null };
+const state = { trialsStamp: null, trials: [], summary: null, current: null, slots: null, seen: new Set(),
+                first: true, detailId: null };
 
 // --- small helpers -------------------------------------------------------------------------------
 const $ = (id) => document.getElementById(id);
@@ -95,7 +96,8 @@ async function getJSON(url) {
 
 async function poll() {
   try {
-    const [trials, current] = await Promise.all([getJSON("/api/trials"), getJSON("/api/current")]);
+    const [trials, current, slots] = await Promise.all([getJSON("/api/trials"), getJSON("/api/current"),
+                                                        getJSON("/api/slots")]);
     if (trials.error) throw new Error(trials.error);
     state.now = trials.now;
     if (trials.stamp !== state.trialsStamp) {
@@ -112,8 +114,10 @@ async function poll() {
     }
     if (trials.stale) throw new Error(trials.stale);
     state.current = current;
+    state.slots = slots;
     renderCurrent();
-    setLive(...liveness(current));
+    renderSlots();
+    setLive(...liveness(current, slots));
   } catch (e) {
     setLive("error", "cannot read the run: " + e.message + " (retrying)");
   } finally {
@@ -123,8 +127,13 @@ async function poll() {
 
 // The header's light: live only while a trial runs. Between trials, or with no loop at all, the run is
 // idle; a row that a dead lab left running is named, as the lab will record it when it resumes.
-function liveness(c) {
+function liveness(c, slots) {
   const at = " · updated " + new Date().toLocaleTimeString();
+  const busy = slots.slots.filter((s) => s.state === "running");
+  if (busy.length > 1) {
+    return ["running", `live · trials ${busy.map((s) => s.trial.id).join(", ")} running in ${busy.length} of ` +
+      `${slots.slots.length} slots` + at];
+  }
   if (c.running) return ["running", `live · trial ${c.trial.id} running` + at];
   if (c.stale.length) return ["stopped", `no trial running: the lab stopped during trial ${c.stale[c.stale.length - 1]}` + at];
   return ["idle", "idle · no trial running" + at];
@@ -379,6 +388,42 @@ function renderCurrent() {
   $("current-mfu").textContent = c.last ? mfuText(last.mfu_pct, c.on_cpu) : "-";
   $("current-left").textContent = c.running && last.remaining_s !== undefined ? duration(last.remaining_s) : "-";
   renderLoss();
+}
+
+// --- the slots ------------------------------------------------------------------------------------
+// Shown where the run has several slots (or its one was lost): a line each, what it runs and how far.
+const percent = (v) => (v === null || v === undefined ? "-" : Math.round(100 * v) + "%");
+
+function slotNow(s) {
+  if (s.state === "lost") return "lost: " + (s.lost_reason || "its machine went away");
+  if (s.state !== "running") return "idle";
+  const t = s.trial, p = s.progress;
+  const progress = !p ? "starting (no progress line yet)" :
+    `step ${p.step}` + (p.progress_pct !== undefined && p.progress_pct !== null ? ` (${Math.round(p.progress_pct)}%)` : "");
+  return `running trial ${t.id}: ${t.description}, ${duration(state.slots.now - t.started_at)}, ${progress}`;
+}
+
+function renderSlots() {
+  const data = state.slots;
+  const panel = $("slots");
+  panel.hidden = !data.shown;
+  if (!data.shown) return;
+  const hours = `${data.device_hours.toFixed(2)} ${data.accelerator}-hours`;
+  $("slots-meta").textContent = `${data.slots.length} slots · busy ${percent(data.busy_fraction)} of the run's ` +
+    `${duration(data.span_seconds)} · ${hours}`;
+  $("slot-list").replaceChildren(...data.slots.map((s) => {
+    const row = h("div", { class: "slot", "data-slot": s.slot, "data-state": s.state });
+    const bar = h("progress", { max: "100", "aria-label": `progress of slot ${s.slot}` });
+    const pct = s.progress && s.progress.progress_pct;
+    if (typeof pct === "number") bar.value = pct;
+    else if (s.state !== "running") bar.value = 0;
+    const now = h("div", { class: "slot-now" }, slotNow(s));
+    if (s.trial) now.addEventListener("click", () => showDetail(s.trial.id));
+    row.append(h("div", { class: "slot-name" }, "slot " + s.slot), h("div", { class: "slot-where" }, s.where), now, bar,
+               h("div", { class: "slot-use muted" }, `busy ${percent(s.busy_fraction)} · ${s.finished} finished · ` +
+                 `${s.device_hours.toFixed(2)} ${data.accelerator}-h`));
+    return row;
+  }));
 }
 
 // How a trial ended without a result, in words.
