@@ -96,10 +96,6 @@ class Executor:
         """Let go of what the executor holds (a cluster connection); running nothing is left behind."""
 
 
-def supervisor_command(trial_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "autoresearch.lab.supervisor", str(trial_dir)]
-
-
 def supervise(trial_dir: Path, limit: float, stop: threading.Event | None = None) -> Ran:
     """Run the supervisor of `trial_dir` as a child of this process, which it dies with (even by kill -9),
     and wait for it: SIGTERM when `stop` is set, SIGKILL to its whole group STOP_SECONDS later or past
@@ -107,8 +103,8 @@ def supervise(trial_dir: Path, limit: float, stop: threading.Event | None = None
     started = time.monotonic()
     timed_out = False
     with open(trial_dir / SUPERVISOR_LOG, "wb") as errors:
-        proc = subprocess.Popen(supervisor_command(trial_dir), stdout=errors, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=trial_dir, start_new_session=True,
+        proc = subprocess.Popen([sys.executable, "-m", "autoresearch.lab.supervisor", str(trial_dir)], stdout=errors,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=trial_dir, start_new_session=True,
                                 preexec_fn=partial(die_with_parent, os.getpid()))
         try:
             asked_to_stop = None
