@@ -169,11 +169,11 @@ class RayExecutor(Executor):
         if address is not None:
             _check_reachable(address)
         try:
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False, include_dashboard=False,
+            ray.init(address=address or "local", logging_level="ERROR", log_to_driver=False, include_dashboard=False,
                      **(init or {}))
         except ConnectionError as e:
-            raise ExecutorError(f"--address {address}: {e}. Start a cluster with `ray start --head`, or pass its "
-                                "address (host:port).") from None
+            raise ExecutorError(f"--address {address}: {str(e).rstrip('.')}. Start a cluster with `ray start "
+                                "--head`, or pass its address (host:port).") from None
         self.digest = manifest_digest(self.data)
         self._remote = ray.remote(max_retries=0)(run_on_node)
         self._nodes: dict[str, dict] = {}
