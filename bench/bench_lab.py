@@ -2,6 +2,7 @@
 the sandbox costs, side by side with the same trial unsandboxed.
 
     python bench/bench_lab.py --profile h100 --data DIR [--budget 30] [--trials 4] [--modes sandboxed,unsandboxed]
+    python bench/bench_lab.py --modes sandboxed,standby [--think 10]     # a standby's start-up against a fresh one
 
 Makes a workspace (the strict rule, so that each candidate is one run), runs the baseline once, then
 `--trials` candidates, each a comment appended to train.py, so that every one is audited, committed,
@@ -10,7 +11,9 @@ Each trial's wall time is split by the supervisor's own clock (result.json): sta
 the first batch asked for), warm-up (to training_started), training, the hand-in and the trainer's
 end, scoring, and the rest (the lab: audit, git, the supervisor's start, the ledger). Also the
 tokens/s the lab counted. Every candidate trains the same code, so the modes differ only by the
-sandbox.
+sandbox, or by whether the trial ran in a standby (sandboxed, its sandboxes made and its imports done
+while the trial before it was scored; lab.executor.LocalExecutor). `--think` waits that many seconds
+between trials, outside their wall time, as a proposer that thinks (an LLM) makes the lab wait.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import torch
 
 from autoresearch.harness import PreparedData, get_profile, prepare, resolve_source
 from autoresearch.lab.decide import DecisionRule
+from autoresearch.lab.executor import LocalExecutor
 from autoresearch.lab.loop import Lab
 from autoresearch.lab.workspace import Workspace
 
@@ -57,6 +61,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=4)
     ap.add_argument("--modes", default="sandboxed,unsandboxed", help="taken in turn, one a trial")
     ap.add_argument("--trainer", help="a train.py to use instead of the template's")
+    ap.add_argument("--think", type=float, default=0.0, help="seconds between trials, as a proposer thinking")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args()
     profile = get_profile(args.profile)
@@ -74,12 +79,15 @@ def main() -> None:
         ws = Workspace.create(Path(tmp) / "ws", tag="bench", profile=profile.name, data=data,
                               rule=DecisionRule(name="strict", baseline_runs=1, drift_every=0), trainer_source=trainer,
                               time_budget=args.budget)
-        lab = Lab(ws, log=lambda msg: print(msg, flush=True))
+        executor = LocalExecutor(standby=modes[0] == "standby")  # the baseline's hand-in makes the first's
+        lab = Lab(ws, log=lambda msg: print(msg, flush=True), executor=executor)
         try:
             lab.baseline()
             for i in range(args.trials):
                 mode = modes[i % len(modes)]
-                lab.sandboxed = mode == "sandboxed"
+                lab.sandboxed = mode != "unsandboxed"
+                executor.standby = modes[(i + 1) % len(modes)] == "standby"  # for the next trial
+                time.sleep(args.think)
                 before = ws.snapshot()
                 with open(ws.root / "train.py", "a") as f:
                     f.write(f"# bench edit {i}\n")
@@ -88,16 +96,20 @@ def main() -> None:
                 wall = time.perf_counter() - t0
                 result = json.loads((ws.trial_dir(trial.id) / "result.json").read_text())
                 split = phases(wall, trial.total_seconds, result.get("clock", {}))
+                used = bool(trial.hardware.get("standby"))
+                assert used == (mode == "standby"), (mode, used)
                 row = {"trial": trial.id, "mode": mode, "status": str(trial.status), "wall_s": wall,
                        "beyond_budget_s": wall - args.budget, "tokens_per_s": trial.tokens_per_second,
-                       "val_bpb": trial.val_bpb, **{f"{k}_s": v for k, v in split.items()}}
+                       "val_bpb": trial.val_bpb, "standby_wait_s": result.get("standby_wait_seconds"),
+                       **{f"{k}_s": v for k, v in split.items()}}
                 rows.append(row)
                 print(f"trial {trial.id} {mode}: wall {wall:.1f}s ({wall - args.budget:+.1f}s beyond the budget) = "
                       + ", ".join(f"{k} {v:.1f}" for k, v in split.items())
+                      + (f" (of which waiting for the standby {row['standby_wait_s']:.1f})" if used else "")
                       + f"; {trial.tokens_per_second or 0:,.0f} tokens/s", flush=True)
         finally:
             lab.close()
-    for mode in modes:
+    for mode in dict.fromkeys(modes):
         mine = [r for r in rows if r["mode"] == mode]
         if mine:
             print(f"{mode}: median {statistics.median(r['beyond_budget_s'] for r in mine):.1f}s beyond the budget, "

@@ -19,8 +19,8 @@ max-autotune: Triton GEMMs with fused epilogues) and flex-autotune (the fallback
 of FlexAttention's kernels alone), which compile for minutes; cudagraphs (Inductor's CUDA graphs, as
 mode="reduce-overhead"), fast-math and two-pass-softmax (Inductor options for the fused
 elementwise kernels), no-prologue-fusion (the fallback, with RoPE and QK-norm kept out of
-FlexAttention's kernel).
-These last seven run only when named. --template measures
+FlexAttention's kernel), regional (each block compiled on its own, the rest eager: a shorter compile).
+These last eight run only when named. --template measures
 another train.py, such as an older one, side by side. --profile prints a CUDA kernel table of one
 step.
 """
@@ -50,6 +50,9 @@ VARIANTS = {
     "ref-b64": dict(overrides={"DEVICE_BATCH_SIZE": 64}, cudnn=True),
     "ref-cdt": dict(overrides={}, cudnn=True, inductor={"coordinate_descent_tuning": True}),
     "ref-warm": dict(overrides={}, cudnn=True, cache_from="ref"),
+    # Regional compilation: each block compiled on its own (one graph serves every block of a kind), the
+    # embedding, the final norm and the fused loss eager: what it saves of the compile, what it costs a step.
+    "regional": dict(overrides={}, cudnn=True, regional=True),
     "ma": dict(overrides={}, cudnn=True, inductor={"max_autotune": True}),
     # max-autotune with cuBLAS as the only GEMM: only FlexAttention's kernel configurations are tuned.
     "flex-autotune": dict(overrides={}, cudnn=True, frontend=False,
@@ -61,7 +64,7 @@ VARIANTS = {
     "no-prologue-fusion": dict(overrides={}, cudnn=True, frontend=False, inductor={"prologue_fusion": False}),
 }
 PROFILE_MARK = "CUDA kernels of one step:\n"
-NAMED_ONLY = ("ref-cdt", "ma", "flex-autotune", "cudagraphs", "fast-math", "two-pass-softmax", "no-prologue-fusion")
+NAMED_ONLY = ("regional", "ref-cdt", "ma", "flex-autotune", "cudagraphs", "fast-math", "two-pass-softmax", "no-prologue-fusion")
 
 
 def load_template(overrides=None, path=None, name="train_bench"):
@@ -115,7 +118,12 @@ def run_one(name, steps, warmup, data, profile_rows=0):
     autocast, kernels, paths = t.setup_device(model, device)
     if not variant["cudnn"]:
         kernels, paths = contextlib.nullcontext(), paths.replace("sdpa(cudnn)", "sdpa")
-    loss_fn = make_loss_fn(t, model, device, variant.get("fused_loss", True))
+    if variant.get("regional"):
+        loss_fn = t.make_loss_fn(model, False, t.softcap_loss.available(device))  # the shipped template's
+        for block in model.blocks:
+            block.compile(dynamic=False)
+    else:
+        loss_fn = make_loss_fn(t, model, device, variant.get("fused_loss", True))
 
     if data:
         from autoresearch import harness

@@ -135,6 +135,8 @@ def test_a_syntax_error_is_shown_once_with_its_line_and_the_trial_s_log(tmp_path
 
 def test_resume_after_kill_9_in_the_middle_of_a_trial_loses_nothing(tmp_path, cpu_prepared):
     ws = make_workspace(tmp_path / "ws", cpu_prepared, rule="strict")
+    settings = ws.root / "autoresearch.toml"  # the second baseline run then runs in the standby the first made
+    settings.write_text(settings.read_text().replace("[run]\n", "[run]\nstandby = true\n", 1))
     script = tmp_path / "edits.json"
     script.write_text(json.dumps(EDITS[:2]))
     lab = subprocess.Popen([sys.executable, "-m", "autoresearch", "run", str(ws.root), "--script", str(script)],
@@ -155,6 +157,8 @@ def test_resume_after_kill_9_in_the_middle_of_a_trial_loses_nothing(tmp_path, cp
     before = Ledger(ws.ledger_path).trials()
     assert [(t.id, t.status) for t in before] == [(1, "keep"), (2, "running")]
     assert not survivors(ws), "the trainer outlived the lab"
+    trials_dir = ws.root / ".autoresearch" / "trials"
+    assert list(trials_dir.glob(".standby-*")), "the second run did not run in a standby"
 
     proc = autoresearch("run", str(ws.root), "--script", str(script), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -169,6 +173,7 @@ def test_resume_after_kill_9_in_the_middle_of_a_trial_loses_nothing(tmp_path, cp
                                                                (EDITS[1]["description"], Status.DISCARD)]
     assert git(ws.root, "rev-parse", "HEAD") == candidates[0].commit_sha
     assert git(ws.root, "status", "--porcelain") == ""
+    assert not list(trials_dir.glob(".standby-*")) and not survivors(ws)  # the dead lab's standby cleared too
 
 
 def test_ctrl_c_kills_the_trial_in_flight_and_leaves_a_consistent_state(tmp_path, cpu_prepared):

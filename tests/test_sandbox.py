@@ -99,9 +99,12 @@ def test_it_writes_only_its_own_folder_and_a_private_tmp(box):
 
 
 def test_packages_installed_under_tmp_are_importable_read_only_beside_the_private_tmp(box, monkeypatch):
-    # The GPU machine installs its wheels into /tmp/site; the private /tmp must not hide them.
-    site = Path(tempfile.mkdtemp(prefix="autoresearch-site-", dir="/tmp"))
-    site.chmod(0o755)
+    # The GPU machine installs its wheels into /tmp/site, and a checkout under /tmp has its virtualenv
+    # there: the private /tmp must not hide them, nor the folders on the way to them.
+    outer = Path(tempfile.mkdtemp(prefix="autoresearch-checkout-", dir="/tmp"))
+    outer.chmod(0o755)
+    site = outer / "venv" / "site"
+    site.mkdir(parents=True)
     try:
         (site / "probe_package_in_tmp.py").write_text("ANSWER = 42\n")
         monkeypatch.syspath_prepend(str(site))
@@ -120,7 +123,7 @@ def test_packages_installed_under_tmp_are_importable_read_only_beside_the_privat
         assert "imported 42" in out and "refused" in out and "WROTE" not in out
         assert (box.tmp / "scratch").read_text() == "mine" and not (site / "scratch").exists()
     finally:
-        shutil.rmtree(site)
+        shutil.rmtree(outer)
 
 
 def test_host_settings_of_the_kernel_are_not_writable_even_for_a_root_lab(box):

@@ -3,6 +3,8 @@
 The GPU tests run only where CUDA and Triton are (the benchmark machine); on a CPU the op runs its
 plain reference, and the tests before them check that train.py's two loss paths agree.
 """
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,43 @@ def test_fused_loss_is_the_cross_entropy_of_the_models_logits(train):
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def edited_script(tmp_path, old, new):
+    """The template with forward() edited as a proposer might, imported as a module."""
+    from lab_helpers import TEMPLATE
+    text = TEMPLATE.read_text()
+    assert old in text
+    path = tmp_path / "train_edited.py"
+    path.write_text(text.replace(old, new))
+    return load_script(path, name=f"train_edited_{tmp_path.name}")
+
+
+def check_rows(train):
+    torch.manual_seed(0)
+    model = train.build_model(TINY)
+    return model, torch.randint(0, 96, (2, 32)), torch.randint(0, 96, (2, 32))
+
+
+def test_the_step_0_check_passes_the_template_and_leaves_its_head_as_it_was(train):
+    model, x, y = check_rows(train)
+    head = model.lm_head.weight.detach().clone()
+    train.check_fused_loss(model, x, y, contextlib.nullcontext())
+    assert torch.equal(model.lm_head.weight, head)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("return SOFTCAP * torch.tanh(logits / SOFTCAP)", "return 30.0 * torch.tanh(logits / 30.0)"),  # another cap
+    ("return SOFTCAP * torch.tanh(logits / SOFTCAP)", "return logits"),  # no cap
+    ("logits = self.lm_head(self.hidden(idx)).float()",
+     "logits = self.lm_head(self.hidden(idx)).float() + torch.linspace(0, 8, self.config['vocab_size'])"),  # a bias
+])
+def test_an_edit_of_forward_that_the_fused_loss_does_not_follow_is_caught_before_training(tmp_path, old, new):
+    train = edited_script(tmp_path, old, new)
+    model, x, y = check_rows(train)
+    with pytest.raises(ValueError, match=r"fused training loss .* is not the cross-entropy of model\(inputs\)"
+                                         r".*fused=False"):
+        train.check_fused_loss(model, x, y, contextlib.nullcontext())
 
 
 def test_reference_soft_caps_before_the_cross_entropy():

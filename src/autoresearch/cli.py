@@ -58,8 +58,13 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
     profile = get_profile(args.profile)
     source = resolve_source(args.source or profile.default_source, num_shards=args.num_shards)
+    runs = _first(args.baseline_runs, os.environ.get("AUTORESEARCH_BASELINE_RUNS"), 3)
+    try:
+        runs = int(runs)
+    except ValueError:
+        raise UserError(f"baseline runs must be a whole number, got {runs!r}") from None
+    rule = DecisionRule(name=_first(args.rule, os.environ.get("AUTORESEARCH_RULE"), "noise"), baseline_runs=runs)
     data, _ = prepare(source, profile)
-    rule = DecisionRule(name=args.rule, baseline_runs=args.baseline_runs)
     trainer = Path(args.trainer).read_text() if args.trainer else None
     budget = _first(args.budget, os.environ.get("AUTORESEARCH_TIME_BUDGET"))
     ws = Workspace.create(Path(args.dir), tag=args.tag or time.strftime("%b%d").lower(), profile=profile.name,
@@ -105,7 +110,7 @@ def _open_lab(args: argparse.Namespace, parallel: bool = False):
     except ValueError:
         raise UserError(f"gpus_per_trial must be a whole number of GPUs, got {k!r}") from None
     executor = _executor(_first(args.executor, run_settings.get("executor"), "local"), ws,
-                         _first(args.address, run_settings.get("address"), "auto"))
+                         _first(args.address, run_settings.get("address"), "auto"), run_settings.get("standby"))
     try:
         return Lab(ws, sandboxed=not unsandboxed, slots=executor.slots(n, k), executor=executor)
     except BaseException:
@@ -113,11 +118,13 @@ def _open_lab(args: argparse.Namespace, parallel: bool = False):
         raise
 
 
-def _executor(name: str, ws, address: str):
+def _executor(name: str, ws, address: str, standby=None):
     from .lab.executor import LocalExecutor
 
+    if standby is not None and not isinstance(standby, bool):
+        raise UserError(f"[run] standby must be true or false, got {standby!r}")
     if name == "local":
-        return LocalExecutor()
+        return LocalExecutor(standby)
     if name == "ray":
         from .lab.ray_executor import RayExecutor
 
@@ -377,10 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, help="training seconds per trial (default: $AUTORESEARCH_TIME_BUDGET, "
                    "else the profile's)")
     p.add_argument("--trainer", help="start from this train.py instead of the template's")
-    p.add_argument("--rule", default="noise", choices=("noise", "strict"),
+    p.add_argument("--rule", choices=("noise", "strict"),
                    help="keep rule: `noise` keeps gains well above the noise floor; `strict` keeps any gain, "
-                   "as the reference does (default: noise)")
-    p.add_argument("--baseline-runs", type=int, default=3, help="seeds of the baseline that estimate the noise (default: 3)")
+                   "as the reference does (default: $AUTORESEARCH_RULE, else noise)")
+    p.add_argument("--baseline-runs", type=int,
+                   help="seeds of the baseline that estimate the noise (default: $AUTORESEARCH_BASELINE_RUNS, else 3)")
     p.set_defaults(func=_cmd_init)
 
     p = sub.add_parser("baseline", help="run the unedited train.py under several seeds (the noise floor)")

@@ -2,6 +2,7 @@
 
     python -m autoresearch.harness.run train.py
     python -m autoresearch.harness.run --nproc-per-node=K train.py   # K data-parallel ranks, under torchrun
+    python -m autoresearch.harness.run --standby=torch,torch._dynamo train.py   # imports first, then waits
 
 The script runs exactly as `python train.py` (or `torchrun --nproc-per-node=K train.py`) would. If it
 raises, the traceback is printed once and the exit code says what kind of failure it was, so that the
@@ -15,6 +16,14 @@ lab names it without reading the text:
 
 With K ranks, the first rank to fail ends them all (torchrun stops the others), and the launcher exits
 with that rank's code, its last line after `rank R of K:` as the last line of the output.
+
+With --standby, the launcher first imports the modules it names (harness code only: torch and its
+compiler take 10-15 s to import on a GPU host), then waits for the lab's word on its standard input:
+`go` runs train.py as above, anything else (the end of the input) exits 0 without running it. The lab
+starts a trial this way before the trial is known (lab.executor's standby), in that trial's own fresh
+sandbox, so that the imports are done by the time train.py is. Environment variables that those modules
+read as they are imported (TORCHINDUCTOR_*, TORCHDYNAMO_*) are read before train.py could set them:
+train.py sets compiler options through torch._inductor.config and torch._dynamo.config instead.
 """
 from __future__ import annotations
 
@@ -34,6 +43,9 @@ EXIT_DIVERGED = 71  # TrainingDiverged: the loss went to NaN or blew up
 EXIT_IMPORT = 72  # train.py imports a module that is not installed
 EXIT_HARNESS = 73  # a HarnessError: the run broke a rule of the harness (the message says which)
 NPROC_FLAG = "--nproc-per-node="  # torchrun's name for it
+STANDBY_FLAG = "--standby="  # modules to import before train.py is known, comma-separated
+GO = "go"  # the lab's word, on standard input, that train.py is in place
+READY_FILE = ".autoresearch-standby-ready"  # left in $TMPDIR once a standby's imports are done
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # where torchrun asks each rank to leave word of its failure
 OOM_ADVICE = ("FAIL: out of memory. Lower the device batch size (gradient accumulation keeps the step's tokens), "
               "or make the model smaller, or undo the last change.")
@@ -118,11 +130,33 @@ def first_failure(failures: dict):
     return min(failures.items(), key=when)
 
 
+def stand_by(modules: list[str]) -> bool:
+    """Import `modules`, then wait for the lab: True once it says go, False at the end of the input. An
+    import that fails is left for train.py's own import to report."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - train.py's own import of it tells what is wrong, with its exit code
+            break
+    with open(os.path.join(os.environ.get("TMPDIR", "/tmp"), READY_FILE), "w"):
+        pass
+    word = sys.stdin.readline().strip()
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)  # train.py's standard input is empty, as in a trial started at once
+    os.close(null)
+    return word == GO
+
+
 def main() -> None:
     argv = sys.argv[1:]
+    standby = argv.pop(0)[len(STANDBY_FLAG):].split(",") if argv and argv[0].startswith(STANDBY_FLAG) else None
     ranks = int(argv.pop(0)[len(NPROC_FLAG):]) if argv and argv[0].startswith(NPROC_FLAG) else 1
-    if not argv:
-        sys.exit(f"usage: python -m autoresearch.harness.run [{NPROC_FLAG}K] TRAIN_PY [ARGS...]")
+    if not argv or (standby is not None and ranks > 1):
+        sys.exit(f"usage: python -m autoresearch.harness.run [{STANDBY_FLAG}MODULES | {NPROC_FLAG}K] TRAIN_PY [ARGS...]")
+    if standby is not None and not stand_by([m for m in standby if m]):
+        return
     if ranks > 1:
         launch(ranks, argv)
     else:

@@ -188,10 +188,12 @@ def bwrap_args(spec: Spec, uid: int | None) -> list[str]:
         args += ["--ro-bind", "/sys", "/sys"]
     for inside, host in spec.readable.items():
         args += parents(inside) + ["--ro-bind", str(host), inside]
+        made.add(inside)
     for inside, host in spec.writable.items():
         args += parents(inside) + ["--bind", str(host), inside]
-    for path in under_mounts:
-        args += ["--ro-bind", str(path), str(path)]
+        made.add(inside)
+    for path in under_mounts:  # the folders on the way are made in the mount, open to the sandbox's uid
+        args += parents(str(path)) + ["--ro-bind", str(path), str(path)]
     for hidden in spec.hidden:  # a workspace or data folder inside a bound installation stays unseen
         if any(hidden == p or p in hidden.parents for p in bound):
             args += ["--tmpfs", str(hidden)]

@@ -50,6 +50,7 @@ from .outcomes import Failure
 SPEC_FILE = "spec.json"
 RESULT_FILE = "result.json"
 LOG_FILE = "train.log"
+SUPERVISOR_LOG = "supervisor.log"  # the supervisor's own output, beside the trial's train.log
 CHECKPOINT_FILE = "checkpoint.pt"
 SANDBOX_DIR = "sandbox"  # the sandboxes' folders; removed at the end, but for what the trainer wrote
 HANDIN_DIR = "handin"  # under SANDBOX_DIR: the checkpoint, as the model processes see it (read-only)
@@ -59,6 +60,10 @@ MAX_CHECKPOINT = 16 << 30  # bytes: a checkpoint is held in memory when it arriv
 # to it (on a 2-core machine its start-up took 2.8 s beside them at equal priority).
 MODEL_NICENESS = 10
 TRIAL_ENV = "AUTORESEARCH_TRIAL"  # token/sandbox: an unsandboxed trial's processes carry it, so strays can be found
+# What a standby trainer imports before its trial is known (harness.run --standby), by whether it is on CUDA:
+# torch, and the compiler that torch.optim and torch.compile import (5.9 s and 4.0 s of an H100 host's start-up).
+STANDBY_MODULES = {False: ("torch", "torch._dynamo"), True: ("torch", "torch._dynamo", "torch._inductor")}
+STANDBY_READY_S = 120.0  # a standby not done importing by then is taken for hung and replaced
 
 
 @dataclass
@@ -123,11 +128,12 @@ class ModelProcess:
     def __init__(self, supervisor: "Supervisor", name: str):
         self.supervisor = supervisor
         work, tmp = supervisor._folder(name), supervisor._folder(f"{name}-tmp")
-        shutil.copyfile(supervisor.spec.trainer, work / "train.py")
+        self.work = work  # train.py is put here once the trial is known (a standby starts before)
         sock_dir = supervisor._socket_dir()
         self.box = supervisor._sandbox_spec(name, work, tmp, sock_dir, {"/checkpoint": supervisor.handin})
         self.box.nice = MODEL_NICENESS
         self.server = supervisor._listen(sock_dir)
+        self.conn: socket.socket | None = None  # taken early by connected()
         profile = supervisor.spec.profile
         argv = [sys.executable, "-m", "autoresearch.harness.model_server", "train.py", supervisor.spec.device,
                 str(profile["seq_len"]), str(profile["vocab_size"])]
@@ -139,7 +145,7 @@ class ModelProcess:
 
         supervisor = self.supervisor
         try:
-            conn = None
+            conn, self.conn = self.conn, None
             while conn is None:
                 if supervisor.stop.is_set():
                     raise Stopped()
@@ -167,8 +173,22 @@ class ModelProcess:
         profile = supervisor.spec.profile
         return RemoteModel(conn, profile["seq_len"], profile["vocab_size"]), ready.fields
 
+    def connected(self) -> bool:
+        """Whether the process has connected (its imports are done); the connection is kept for load()."""
+        if self.conn is None:
+            try:
+                self.server.settimeout(0.0)
+                self.conn, _ = self.server.accept()
+            except (BlockingIOError, OSError):
+                pass
+            finally:
+                self.server.settimeout(0.2)
+        return self.conn is not None
+
     def end(self) -> None:
         self.server.close()
+        if self.conn is not None:
+            self.conn.close()
         self.supervisor._end(self.proc)
 
 
@@ -192,6 +212,9 @@ class Supervisor:
         self.log_bytes = 0
         self.log_lock = threading.Lock()
         self.handin = self._folder(HANDIN_DIR)
+        self.models: tuple[ModelProcess, ModelProcess] | None = None
+        self.trainer: tuple[subprocess.Popen, socket.socket, sandbox.Spec] | None = None
+        self.feed = None  # (Feed, bos_id), made by _prepare_feed
 
     def since(self, moment: float | None) -> float | None:
         return None if moment is None else round(moment - self.t0, 3)
@@ -244,9 +267,9 @@ class Supervisor:
         server.settimeout(0.2)
         return server
 
-    def _start(self, box: sandbox.Spec, argv: list[str]) -> subprocess.Popen:
+    def _start(self, box: sandbox.Spec, argv: list[str], stdin=subprocess.DEVNULL) -> subprocess.Popen:
         """Start `argv` in `box`, its output piped into train.log."""
-        proc = sandbox.start(box, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = sandbox.start(box, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=stdin)
         self.processes.append(proc)
         self.tags[proc.pid] = box.env.get(TRIAL_ENV)
         piper = threading.Thread(target=self._pipe_log, args=(proc.stdout,), daemon=True)
@@ -297,15 +320,14 @@ class Supervisor:
         return lines[-1][:300] if lines else ""
 
     # --- training -------------------------------------------------------------------------------
-    def train(self) -> None:
-        from autoresearch.harness.dataset import PreparedData
-        from autoresearch.harness.feed import Feed, serve_trainer
-        from autoresearch.harness.profiles import Profile
+    def _start_trainer(self, standby: bool = False) -> tuple[subprocess.Popen, socket.socket, sandbox.Spec]:
+        """The trainer's sandbox, started at once; in a standby, importing STANDBY_MODULES until go()."""
         from autoresearch.harness.tokenizer import META_FILE, RANKS_FILE
 
         work, tmp, tok_dir = (self._folder(n) for n in ("train", "train-tmp", "tokenizer"))
         sock_dir = self._socket_dir()
-        shutil.copyfile(self.spec.trainer, work / "train.py")
+        if not standby:
+            shutil.copyfile(self.spec.trainer, work / "train.py")
         for name in (RANKS_FILE, META_FILE):
             shutil.copyfile(Path(self.spec.data) / name, tok_dir / name)
         box = self._sandbox_spec("train", work, tmp, sock_dir, {"/autoresearch/tokenizer": tok_dir})
@@ -315,19 +337,76 @@ class Supervisor:
         # through the harness's launcher: the first rank to fail ends them all, and its exit code and last line
         # are the trial's.
         launch = [f"{harness_run.NPROC_FLAG}{ranks}"] if ranks > 1 else []
+        if standby:
+            launch = [harness_run.STANDBY_FLAG + ",".join(STANDBY_MODULES[self.spec.device == "cuda"])]
         argv = [sys.executable, "-m", "autoresearch.harness.run", *launch, "train.py"]
         if box.limits.memory_bytes:  # the trial's memory, shared among its ranks (the limit is per process)
             box.limits.memory_bytes //= ranks
         self.result["world_size"] = ranks
-        proc = self._start(box, argv)
-        self.clock.launched = time.monotonic()
-        try:
-            # While train.py starts up (imports, compilation), the rows get ready: it asks for none before.
+        proc = self._start(box, argv, stdin=subprocess.PIPE if standby else subprocess.DEVNULL)
+        if not standby:
+            self.clock.launched = time.monotonic()
+        return proc, server, box
+
+    def _standby_ready(self, proc: subprocess.Popen) -> bool:
+        """Whether a standby's processes are done importing: the trainer has left its mark (or ended), and
+        both model processes have connected. Its trial's training starts only then, so that on a CPU their
+        imports do not take the cores from the budget's time."""
+        return ((proc.poll() is not None or (self.root / "train-tmp" / harness_run.READY_FILE).exists())
+                and all(m.connected() or m.proc.poll() is not None for m in self.models))
+
+    def _hand_script(self) -> None:
+        """train.py into the model processes' folders, and into a standby trainer's, which, once it is
+        ready, is told to go. One that ended before its trial, or is not ready within STANDBY_READY_S, is
+        replaced by a fresh trainer."""
+        for model in self.models:
+            shutil.copyfile(self.spec.trainer, model.work / "train.py")
+        proc = self.trainer[0] if self.trainer else None
+        if proc is not None and proc.stdin is not None:
+            waited = time.monotonic()
+            while not (ready := self._standby_ready(proc)) and time.monotonic() - waited < STANDBY_READY_S:
+                if self.stop.is_set():
+                    raise Stopped()
+                time.sleep(0.02)
+            (self.root / "train-tmp" / harness_run.READY_FILE).unlink(missing_ok=True)
+            self.result["standby_wait_seconds"] = round(time.monotonic() - waited, 3)
+            if proc.poll() is not None or not ready:
+                how = f"had ended (exit {proc.returncode})" if proc.poll() is not None else \
+                    f"was not ready after {STANDBY_READY_S:g} s"
+                self._note(f"the standby trainer {how} before its trial; a fresh one is started")
+                self._end(proc)
+                self.trainer[1].close()
+                self.trainer = self._start_trainer()
+                return
+            shutil.copyfile(self.spec.trainer, self.root / "train" / "train.py")
+            try:
+                proc.stdin.write(harness_run.GO.encode() + b"\n")
+                proc.stdin.close()
+            except OSError:  # it ended just now: its exit is the trial's failure, which _watch reports
+                pass
+            self.clock.launched = time.monotonic()
+
+    def _prepare_feed(self):
+        """The training rows, ready to be served (a standby makes them before its trial)."""
+        from autoresearch.harness.dataset import PreparedData
+        from autoresearch.harness.feed import Feed
+        from autoresearch.harness.profiles import Profile
+
+        if self.feed is None:
             profile = Profile(**self.spec.profile)
             data = PreparedData.open(Path(self.spec.data), profile)
-            feed = Feed(data.tokens("train"), data.doc_starts("train"), profile.seq_len, data.tokenizer.bos_id,
-                        profile.vocab_size, self.spec.world_size)
-            settings = {"profile": self.spec.profile, "time_budget": self.spec.time_budget, "bos_id": data.tokenizer.bos_id,
+            self.feed = Feed(data.tokens("train"), data.doc_starts("train"), profile.seq_len, data.tokenizer.bos_id,
+                             profile.vocab_size, self.spec.world_size), data.tokenizer.bos_id
+        return self.feed
+
+    def train(self) -> None:
+        from autoresearch.harness.feed import serve_trainer
+
+        proc, server, box = self.trainer
+        try:
+            # While train.py starts up (imports, compilation), the rows get ready: it asks for none before.
+            feed, bos_id = self._prepare_feed()
+            settings = {"profile": self.spec.profile, "time_budget": self.spec.time_budget, "bos_id": bos_id,
                         "seed": self.spec.seed, "device": self.spec.device,
                         "tokenizer": box.where("/autoresearch/tokenizer")}
 
@@ -491,10 +570,41 @@ class Supervisor:
         return {**result.to_dict(), "params": ready.get("params"), "split": self.spec.split}
 
     # --- the whole trial ------------------------------------------------------------------------
+    def start(self, standby: bool = False) -> None:
+        """The trial's sandboxes: the two model processes, and the trainer unless a checkpoint is only
+        scored. A standby starts them before its trial is known (take() names it)."""
+        self.models = (ModelProcess(self, "score"), ModelProcess(self, "score-fresh"))
+        self.trainer = None if self.spec.checkpoint else self._start_trainer(standby)
+        if standby:
+            self._prepare_feed()
+
+    def take(self, trial_dir: Path, spec: TrialSpec) -> None:
+        """A standby's trial: from here on its folder gets the log, the checkpoint and the result, and its
+        clock starts now. The sandboxes stay where they were made, in the standby's folder."""
+        if standby_key(asdict(spec)) != standby_key(asdict(self.spec)):
+            raise ValueError("the trial's spec differs from the standby's beyond its trainer, seed and token")
+        staged = (self.dir / LOG_FILE).read_bytes()  # what the sandboxes said while they waited, if anything
+        with self.log_lock:
+            self.log.close()
+            self.log = open(trial_dir / LOG_FILE, "ab")
+            self.log.write(staged)
+            self.log.flush()
+        self.dir, self.spec, self.t0 = trial_dir, spec, time.monotonic()
+        self.result["standby"] = True
+
+    def discard(self) -> None:
+        """A standby whose trial never came: its sandboxes ended, its folder removed."""
+        for proc in self.processes:
+            self._end(proc)
+        self.log.close()
+        for path in [self.dir, *self.socket_dirs]:
+            shutil.rmtree(path, ignore_errors=True)
+
     def run(self) -> dict:
-        models = None
         try:
-            models = (ModelProcess(self, "score"), ModelProcess(self, "score-fresh"))
+            if self.models is None:
+                self.start()
+            self._hand_script()
             if self.spec.checkpoint:
                 try:
                     os.link(self.spec.checkpoint, self.handin / CHECKPOINT_FILE)
@@ -505,7 +615,7 @@ class Supervisor:
                 training = self.check_clock()
                 self.result.update(training_seconds=training, checkpoint=self.checkpoint, stats=self.stats,
                                    tokens_per_second=self.result["tokens_served"] / training if training > 0 else None)
-            score = self.score(models)
+            score = self.score(self.models)
             self.result.update(outcome="ok", val_bpb=score["bpb"], score=score)
         except Crash as e:
             self.result.update(outcome="crash", failure=e.failure.value, reason=e.reason)
@@ -525,13 +635,57 @@ class Supervisor:
             shutil.rmtree(self.root / name, ignore_errors=True)
         for path in self.socket_dirs:
             shutil.rmtree(path, ignore_errors=True)
+        kept = self.dir / SANDBOX_DIR
+        if self.root != kept:  # a standby's: what the trainer wrote goes to its trial, the rest is removed
+            kept.mkdir(exist_ok=True)
+            if (self.root / "train").is_dir():
+                shutil.rmtree(kept / "train", ignore_errors=True)
+                os.replace(self.root / "train", kept / "train")
+            shutil.rmtree(self.root.parent, ignore_errors=True)
         return self.result
+
+
+def standby_key(spec: dict) -> dict:
+    """What a standby's sandboxes were made for: a trial's spec but for its trainer, seed and token."""
+    return {k: v for k, v in spec.items() if k not in ("trainer", "seed", "token")}
+
+
+def can_stand_by(spec: dict) -> bool:
+    """Whether a trial of `spec` can run in a standby: sandboxed, one process, trained (not only scored)."""
+    return bool(spec.get("sandboxed")) and spec.get("world_size", 1) == 1 and not spec.get("checkpoint")
+
+
+def stand_by(staging: Path) -> int:
+    """The sandboxes of a trial made from staging/spec.json before the trial is known, the trainer's
+    imports done while they wait; then the trial folder read from standard input is the trial they run
+    (its spec may differ only in the trainer, the seed and the token). At the end of the input, exit."""
+    template = TrialSpec(**json.loads((staging / SPEC_FILE).read_text()))
+    supervisor = Supervisor(staging, template)
+    signal.signal(signal.SIGTERM, lambda *_: supervisor.stop.set())
+    signal.signal(signal.SIGINT, lambda *_: supervisor.stop.set())
+    supervisor.start(standby=True)
+    line = sys.stdin.readline().strip()
+    if not line or supervisor.stop.is_set():
+        supervisor.discard()
+        return 0
+    trial_dir = Path(line)
+    log = os.open(trial_dir / SUPERVISOR_LOG, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)  # this process's own output goes to its trial from here on
+    os.dup2(log, 2)
+    os.close(log)
+    supervisor.take(trial_dir, TrialSpec(**json.loads((trial_dir / SPEC_FILE).read_text())))
+    write_json(trial_dir / RESULT_FILE, supervisor.run())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
+    if len(args) == 2 and args[0] == "--standby":
+        return stand_by(Path(args[1]))
     if len(args) != 1:
-        print("usage: python -m autoresearch.lab.supervisor TRIAL_DIR", file=sys.stderr)
+        print("usage: python -m autoresearch.lab.supervisor TRIAL_DIR\n"
+              "       python -m autoresearch.lab.supervisor --standby STAGING_DIR   (then TRIAL_DIR on stdin)",
+              file=sys.stderr)
         return 2
     trial_dir = Path(args[0])
     spec = TrialSpec(**json.loads((trial_dir / SPEC_FILE).read_text()))

@@ -19,7 +19,7 @@ from pathlib import Path
 from autoresearch.harness.hardware import peak_flops
 
 from . import supervisor as sup
-from .executor import SUPERVISOR_LOG, Executor, LocalExecutor, Slot
+from .executor import Executor, LocalExecutor, Slot
 from .limits import SCORING_LIMIT, startup_limit, trial_limit
 from .outcomes import Failure
 from .processes import kill_tagged
@@ -153,7 +153,7 @@ def run_trial(ws: Workspace, trial_id: int, commit: str, seed: int | None, *, sl
         hidden=[str(ws.root), str(Path(config["data"])), str(Path.home())], token=trial_token(ws, trial_id))
     (trial_dir / sup.SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2))
     limit = trial_limit(config, ws.time_budget)
-    ran = (executor or LocalExecutor()).run(trial_dir, slot, limit, stop)
+    ran = (executor or LocalExecutor(standby=False)).run(trial_dir, slot, limit, stop)
     outcome.total_seconds = ran.seconds
     result = {}
     if ran.returncode == 0:
@@ -170,7 +170,7 @@ def run_trial(ws: Workspace, trial_id: int, commit: str, seed: int | None, *, sl
             outcome.stopped = outcome.lost = True
             outcome.reason = f"lost: {ran.lost}; it is run again in another slot"
         else:
-            tail = _read_tail(trial_dir / SUPERVISOR_LOG, 5).replace("\n", " | ")
+            tail = _read_tail(trial_dir / sup.SUPERVISOR_LOG, 5).replace("\n", " | ")
             outcome.failure = Failure.STARTUP_TIMEOUT if ran.timed_out else Failure.SANDBOX
             outcome.reason = (f"the trial's supervisor ended without a result (exit {ran.returncode}, after "
                               f"{outcome.total_seconds:.0f} s of a {limit:.0f} s limit): {tail}")
