@@ -12,7 +12,8 @@ the first batch asked for), warm-up (to training_started), training, the hand-in
 end, scoring, and the rest (the lab: audit, git, the supervisor's start, the ledger). Also the
 tokens/s the lab counted. Every candidate trains the same code, so the modes differ only by the
 sandbox, or by whether the trial ran in a standby (sandboxed, its sandboxes made and its imports done
-while the trial before it was scored; lab.executor.LocalExecutor). `--think` waits that many seconds
+beside the trial before it: on a GPU while it was scored, on a CPU once it had ended;
+lab.executor.LocalExecutor). `--think` waits that many seconds
 between trials, outside their wall time, as a proposer that thinks (an LLM) makes the lab wait.
 """
 from __future__ import annotations
@@ -79,7 +80,7 @@ def main() -> None:
         ws = Workspace.create(Path(tmp) / "ws", tag="bench", profile=profile.name, data=data,
                               rule=DecisionRule(name="strict", baseline_runs=1, drift_every=0), trainer_source=trainer,
                               time_budget=args.budget)
-        executor = LocalExecutor(standby=modes[0] == "standby")  # the baseline's hand-in makes the first's
+        executor = LocalExecutor(standby=modes[0] == "standby")  # the baseline makes the first trial's
         lab = Lab(ws, log=lambda msg: print(msg, flush=True), executor=executor)
         try:
             lab.baseline()

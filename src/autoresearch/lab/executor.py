@@ -127,7 +127,8 @@ def supervise(trial_dir: Path, limit: float, stop: threading.Event | None = None
         while proc.poll() is None:
             now = time.monotonic()
             if on_handin is not None and (trial_dir / CHECKPOINT_FILE).exists():
-                on_handin = _call_quietly(on_handin)
+                _call_quietly(on_handin)
+                on_handin = None  # once
             if asked_to_stop is None and stop is not None and stop.is_set():
                 proc.send_signal(signal.SIGTERM)
                 asked_to_stop = now
@@ -188,7 +189,7 @@ class Standby:
         except OSError:
             pass
         try:
-            self.proc.wait(timeout=0 if self.proc.poll() is not None else 5)
+            self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
@@ -202,10 +203,11 @@ class LocalExecutor(Executor):
     With `standby`, each slot's next trial is started before it is known: on a GPU slot as soon as the
     current trial has handed its checkpoint in, on a CPU slot once it has ended. The next sandboxes are
     made and the trainer imports torch and its compiler (10-15 s on a GPU host) while the current trial
-    is scored (on a GPU) and the next one proposed, so that a trial starts with its imports done. A standby is a trial's own fresh sandboxes, made from the same spec, that
-    have run no code of any train.py; it is used only by a trial whose spec differs from its own in
-    nothing but the trainer, seed and token, and only by sandboxed trials of one process. Its training
-    starts once all its processes are done importing, so that they take no CPU from the budget's time.
+    is scored (on a GPU) and the next one proposed, so that a trial starts with its imports done. A
+    standby is a trial's own fresh sandboxes, made from the same spec, that have run no code of any
+    train.py; it is used only by a trial whose spec differs from its own in nothing but the trainer,
+    seed and token, and only by sandboxed trials of one process. Its training starts once all its
+    processes are done importing, so that they take no CPU from the budget's time.
     None (the default) stands by on GPU slots only: on a CPU the imports compete with whatever runs
     beside them, and trials proposed back to back (the search proposer) gain nothing."""
 

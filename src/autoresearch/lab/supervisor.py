@@ -645,6 +645,13 @@ class Supervisor:
         return self.result
 
 
+def _stopped_by_signals(supervisor: Supervisor) -> Supervisor:
+    """SIGTERM and SIGINT (the lab's stop, Ctrl-C) end `supervisor`'s trial as stopped."""
+    signal.signal(signal.SIGTERM, lambda *_: supervisor.stop.set())
+    signal.signal(signal.SIGINT, lambda *_: supervisor.stop.set())
+    return supervisor
+
+
 def standby_key(spec: dict) -> dict:
     """What a standby's sandboxes were made for: a trial's spec but for its trainer, seed and token."""
     return {k: v for k, v in spec.items() if k not in ("trainer", "seed", "token")}
@@ -660,9 +667,7 @@ def stand_by(staging: Path) -> int:
     imports done while they wait; then the trial folder read from standard input is the trial they run
     (its spec may differ only in the trainer, the seed and the token). At the end of the input, exit."""
     template = TrialSpec(**json.loads((staging / SPEC_FILE).read_text()))
-    supervisor = Supervisor(staging, template)
-    signal.signal(signal.SIGTERM, lambda *_: supervisor.stop.set())
-    signal.signal(signal.SIGINT, lambda *_: supervisor.stop.set())
+    supervisor = _stopped_by_signals(Supervisor(staging, template))
     supervisor.start(standby=True)
     line = sys.stdin.readline().strip()
     if not line or supervisor.stop.is_set():
@@ -689,11 +694,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     trial_dir = Path(args[0])
     spec = TrialSpec(**json.loads((trial_dir / SPEC_FILE).read_text()))
-    supervisor = Supervisor(trial_dir, spec)
-    signal.signal(signal.SIGTERM, lambda *_: supervisor.stop.set())
-    signal.signal(signal.SIGINT, lambda *_: supervisor.stop.set())
-    result = supervisor.run()
-    write_json(trial_dir / RESULT_FILE, result)
+    supervisor = _stopped_by_signals(Supervisor(trial_dir, spec))
+    write_json(trial_dir / RESULT_FILE, supervisor.run())
     return 0
 
 
