@@ -3,8 +3,10 @@ the sandbox costs, side by side with the same trial unsandboxed.
 
     python bench/bench_lab.py --profile h100 --data DIR [--budget 30] [--trials 4] [--modes sandboxed,unsandboxed]
     python bench/bench_lab.py --modes sandboxed,standby [--think 10]     # a standby's start-up against a fresh one
+    python bench/bench_lab.py --modes standby,cached                     # and a compile cache's warm-up
 
-Makes a workspace (the strict rule, so that each candidate is one run), runs the baseline once, then
+Makes a workspace (the strict rule, so that each candidate is one run), runs the baseline once (timed
+too: a run's first trial, fresh and compiled from nothing), then
 `--trials` candidates, each a comment appended to train.py, so that every one is audited, committed,
 run, scored, decided and reverted, the modes taken in turn (sandboxed, unsandboxed, sandboxed, ...).
 Each trial's wall time is split by the supervisor's own clock (result.json): start-up (launch to
@@ -13,13 +15,17 @@ end, scoring, and the rest (the lab: audit, git, the supervisor's start, the led
 tokens/s the lab counted. Every candidate trains the same code, so the modes differ only by the
 sandbox, or by whether the trial ran in a standby (sandboxed, its sandboxes made and its imports done
 beside the trial before it: on a GPU while it was scored, on a CPU once it had ended;
-lab.executor.LocalExecutor). `--think` waits that many seconds
+lab.executor.LocalExecutor), or by whether it started, in a standby, from the compile cache that the
+baseline's run left (`cached`; lab.compile_cache; with it, the baseline of a second workspace of the same
+train.py is timed last, its first trial started from the store). Scoring is split too: the first model process's load,
+the rows, the second's load, the probes' copies. `--think` waits that many seconds
 between trials, outside their wall time, as a proposer that thinks (an LLM) makes the lab wait.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -67,7 +73,7 @@ def main() -> None:
     args = ap.parse_args()
     profile = get_profile(args.profile)
     if args.data:
-        data = PreparedData.open(Path(args.data), profile)
+        data = PreparedData.open(Path(args.data).resolve(), profile)
     else:
         data, _ = prepare(resolve_source(args.source or profile.default_source), profile, progress=False)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
@@ -75,41 +81,69 @@ def main() -> None:
     print(f"# {time.strftime('%Y-%m-%d')} {device}, torch {torch.__version__}, Python {platform.python_version()}, "
           f"profile {profile.name}, budget {args.budget:g}s, modes {modes}", flush=True)
     rows = []
+    stands_by = {"standby", "cached"}
+
+    def measure(run, ws, mode: str, used_standby: bool) -> dict:
+        """Time one trial, `run()`, end to end as the lab runs it, and print where its seconds went."""
+        t0 = time.perf_counter()
+        trial = run()
+        wall = time.perf_counter() - t0
+        result = json.loads((ws.trial_dir(trial.id) / "result.json").read_text())
+        split = phases(wall, trial.total_seconds, result.get("clock", {}))
+        assert bool(trial.hardware.get("standby")) == used_standby, (mode, trial.hardware)
+        cache = result.get("compile_cache") or {}
+        row = {"trial": trial.id, "mode": mode, "status": str(trial.status), "wall_s": wall,
+               "beyond_budget_s": wall - args.budget, "tokens_per_s": trial.tokens_per_second,
+               "val_bpb": trial.val_bpb, "standby_wait_s": result.get("standby_wait_seconds"),
+               "scoring_parts_s": (result.get("score") or {}).get("seconds"),
+               "compile_cache_given": trial.hardware.get("compile_cache"), "cache_seeded": cache.get("seeded"),
+               "cache_snapshot": cache.get("snapshot"), **{f"{k}_s": v for k, v in split.items()}}
+        rows.append(row)
+        print(f"trial {trial.id} {mode}: wall {wall:.1f}s ({wall - args.budget:+.1f}s beyond the budget) = "
+              + ", ".join(f"{k} {v:.1f}" for k, v in split.items())
+              + (f" (of which waiting for the standby {row['standby_wait_s']:.1f})" if used_standby else "")
+              + f"; {trial.tokens_per_second or 0:,.0f} tokens/s; scoring {row['scoring_parts_s']}"
+              + (f"; compile cache seeded {row['cache_seeded']}" if row["cache_seeded"] else "")
+              + (f"; its snapshot {row['cache_snapshot']}" if row["cache_snapshot"] else ""), flush=True)
+        return row
+
+    def workspace(folder: Path) -> Workspace:
+        return Workspace.create(folder, tag="bench", profile=profile.name, data=data, trainer_source=trainer,
+                                rule=DecisionRule(name="strict", baseline_runs=1, drift_every=0), time_budget=args.budget)
+
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ["AUTORESEARCH_CACHE"] = str(Path(tmp) / "cache")  # the compile caches' store: empty at first
         trainer = Path(args.trainer).read_text() if args.trainer else None
-        ws = Workspace.create(Path(tmp) / "ws", tag="bench", profile=profile.name, data=data,
-                              rule=DecisionRule(name="strict", baseline_runs=1, drift_every=0), trainer_source=trainer,
-                              time_budget=args.budget)
-        executor = LocalExecutor(standby=modes[0] == "standby")  # the baseline makes the first trial's
+        ws = workspace(Path(tmp) / "ws")
+        # The baseline (a first trial: fresh, compiled from nothing) makes the first trial's standby, and the
+        # compile cache that `cached` trials start from.
+        executor = LocalExecutor(standby=modes[0] in stands_by, compile_cache="cached" in modes)
         lab = Lab(ws, log=lambda msg: print(msg, flush=True), executor=executor)
         try:
-            lab.baseline()
+            measure(lambda: lab.baseline() and lab.ledger.trials()[-1], ws, "first", False)
             for i in range(args.trials):
                 mode = modes[i % len(modes)]
                 lab.sandboxed = mode != "unsandboxed"
-                executor.standby = modes[(i + 1) % len(modes)] == "standby"  # for the next trial
+                executor.standby = modes[(i + 1) % len(modes)] in stands_by  # for the next trial
+                executor.compile_cache = mode == "cached"
                 time.sleep(args.think)
                 before = ws.snapshot()
                 with open(ws.root / "train.py", "a") as f:
                     f.write(f"# bench edit {i}\n")
-                t0 = time.perf_counter()
-                trial = lab.candidate(f"bench edit {i} ({mode})", "bench", before=before)
-                wall = time.perf_counter() - t0
-                result = json.loads((ws.trial_dir(trial.id) / "result.json").read_text())
-                split = phases(wall, trial.total_seconds, result.get("clock", {}))
-                used = bool(trial.hardware.get("standby"))
-                assert used == (mode == "standby"), (mode, used)
-                row = {"trial": trial.id, "mode": mode, "status": str(trial.status), "wall_s": wall,
-                       "beyond_budget_s": wall - args.budget, "tokens_per_s": trial.tokens_per_second,
-                       "val_bpb": trial.val_bpb, "standby_wait_s": result.get("standby_wait_seconds"),
-                       **{f"{k}_s": v for k, v in split.items()}}
-                rows.append(row)
-                print(f"trial {trial.id} {mode}: wall {wall:.1f}s ({wall - args.budget:+.1f}s beyond the budget) = "
-                      + ", ".join(f"{k} {v:.1f}" for k, v in split.items())
-                      + (f" (of which waiting for the standby {row['standby_wait_s']:.1f})" if used else "")
-                      + f"; {trial.tokens_per_second or 0:,.0f} tokens/s", flush=True)
+                row = measure(lambda: lab.candidate(f"bench edit {i} ({mode})", "bench", before=before), ws, mode,
+                              mode in stands_by)
+                assert mode == "cached" or row["compile_cache_given"] is None, row
+                if mode == "cached" and row["compile_cache_given"] is None:
+                    print("  (no compile cache to start from: the baseline's run compiled nothing)", flush=True)
         finally:
             lab.close()
+        if "cached" in modes:  # a new workspace of the same train.py: its first trial starts from the store
+            again = workspace(Path(tmp) / "again")
+            lab = Lab(again, log=lambda msg: print(msg, flush=True), executor=LocalExecutor(False, True))
+            try:
+                measure(lambda: lab.baseline() and lab.ledger.trials()[-1], again, "first, new workspace", False)
+            finally:
+                lab.close()
     for mode in dict.fromkeys(modes):
         mine = [r for r in rows if r["mode"] == mode]
         if mine:

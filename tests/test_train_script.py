@@ -292,8 +292,10 @@ def test_short_cpu_run_end_to_end(tmp_path, cpu_data):
     values = {l.split(":")[0]: l.split(":")[1].strip() for l in block}
     # A CPU has no peak-FLOPs figure, so no MFU.
     assert values["mfu_percent"] == "n/a" and int(values["depth"]) == 2 and int(values["num_steps"]) > 2
-    # It trains up to the budget and stops before a step would overrun it.
-    assert 1.0 <= float(values["training_seconds"]) <= 2.05 and 0 < float(values["val_bpb"]) < 5
+    # It trains up to the budget and stops before a step would overrun it, by its own estimate of the next
+    # step: on a busy machine a step may run longer than that, never by more than the longest step.
+    longest = max(int(re.search(r"dt_ms=(\d+)", l).group(1)) for l in progress) / 1000
+    assert 1.0 <= float(values["training_seconds"]) <= 2.0 + longest and 0 < float(values["val_bpb"]) < 5
 
     # The checkpoint handed in is the weights and the config that build_model rebuilds, in a fresh import.
     from autoresearch.harness.loader import eval_rows

@@ -110,7 +110,8 @@ def _open_lab(args: argparse.Namespace, parallel: bool = False):
     except ValueError:
         raise UserError(f"gpus_per_trial must be a whole number of GPUs, got {k!r}") from None
     executor = _executor(_first(args.executor, run_settings.get("executor"), "local"), ws,
-                         _first(args.address, run_settings.get("address"), "auto"), run_settings.get("standby"))
+                         _first(args.address, run_settings.get("address"), "auto"), run_settings.get("standby"),
+                         run_settings.get("compile_cache"))
     try:
         return Lab(ws, sandboxed=not unsandboxed, slots=executor.slots(n, k), executor=executor)
     except BaseException:
@@ -118,13 +119,14 @@ def _open_lab(args: argparse.Namespace, parallel: bool = False):
         raise
 
 
-def _executor(name: str, ws, address: str, standby=None):
+def _executor(name: str, ws, address: str, standby=None, compile_cache=None):
     from .lab.executor import LocalExecutor
 
-    if standby is not None and not isinstance(standby, bool):
-        raise UserError(f"[run] standby must be true or false, got {standby!r}")
+    for key, value in (("standby", standby), ("compile_cache", compile_cache)):
+        if value is not None and not isinstance(value, bool):
+            raise UserError(f"[run] {key} must be true or false, got {value!r}")
     if name == "local":
-        return LocalExecutor(standby)
+        return LocalExecutor(standby, compile_cache)
     if name == "ray":
         from .lab.ray_executor import RayExecutor
 

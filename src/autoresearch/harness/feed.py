@@ -46,6 +46,9 @@ class Feed:
         self.closed_at: float | None = None  # nothing more is served from here on
         self.tokens_served = 0  # training tokens (inputs) served after the start
         self.requests = 0
+        # Called once, as the first START arrives, before it is stamped and while no rows are served to any
+        # rank: the lab's last look at the trainer before training rows reach it (lab.compile_cache).
+        self.before_start = None
         self._streams: dict[int, _Stream] = {}
         self._random = np.random.default_rng()
         self._lock = threading.Lock()
@@ -54,6 +57,8 @@ class Feed:
         """Training proper starts now (the first START wins); returns the time it was stamped."""
         with self._lock:
             if self.started_at is None:
+                if self.before_start is not None:
+                    self.before_start()
                 self.started_at = time.monotonic()
             return self.started_at
 

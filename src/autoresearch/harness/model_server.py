@@ -4,7 +4,7 @@
 
 Run by the lab in a sandbox that holds train.py (the commit's), the checkpoint's folder, a private
 temporary folder and the GPU, and no data. The lab starts it early, while the trainer starts up: it
-connects, says hello with the trial's key and waits, having run harness code only. When the lab
+starts CUDA, connects, says hello with the trial's key and waits, having run harness code only. When the lab
 sends LOAD with the checkpoint's path, the model is rebuilt through train.py's `build_model(config)`,
 its weights loaded from the checkpoint, and asked, batch by batch, for its logits: it answers the
 log-sum-exp and the next token's logit at every position, and whole vectors where the scorer audits
@@ -108,6 +108,10 @@ def serve(sock, model: LocalModel, seq_len: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     trainer, device_name, seq_len, vocab_size = (argv or sys.argv[1:])[:4]
+    if device_name == "cuda":  # while the trainer trains: CUDA and the kernels train.py imports, ready
+        from .run import CUDA_KERNEL_MODULES, prepare
+
+        prepare(CUDA_KERNEL_MODULES)
     sock = wire.connect(os.environ[wire.SOCKET_ENV], timeout=30)
     try:
         wire.send(sock, wire.Kind.HELLO, key=os.environ.get(wire.KEY_ENV))

@@ -18,10 +18,10 @@ With K ranks, the first rank to fail ends them all (torchrun stops the others), 
 with that rank's code, its last line after `rank R of K:` as the last line of the output.
 
 With --standby, the launcher first imports the modules it names (harness code only: torch and its
-compiler take 10-15 s to import on a GPU host), then waits for the lab's word on its standard input:
-`go` runs train.py as above, anything else (the end of the input) exits 0 without running it. The lab
-starts a trial this way before the trial is known (lab.executor's standby), in that trial's own fresh
-sandbox, so that the imports are done by the time train.py is. Environment variables that those modules
+compiler take 10-15 s to import on a GPU host) and starts CUDA where there is a GPU, then waits for the
+lab's word on its standard input: `go` runs train.py as above, anything else (the end of the input)
+exits 0 without running it. The lab starts a trial this way before the trial is known (lab.executor's
+standby), in that trial's own fresh sandbox, so that the imports are done by the time train.py is. Environment variables that those modules
 read as they are imported (TORCHINDUCTOR_*, TORCHDYNAMO_*) are read before train.py could set them:
 train.py sets compiler options through torch._inductor.config and torch._dynamo.config instead.
 """
@@ -46,6 +46,8 @@ NPROC_FLAG = "--nproc-per-node="  # torchrun's name for it
 STANDBY_FLAG = "--standby="  # modules to import before train.py is known, comma-separated
 GO = "go"  # the lab's word, on standard input, that train.py is in place
 READY_FILE = ".autoresearch-standby-ready"  # left in $TMPDIR once a standby's imports are done
+# The harness's kernels that the template imports on CUDA, with what they import as they run.
+CUDA_KERNEL_MODULES = ("autoresearch.harness.cudnn_attention", "autoresearch.harness.softcap_loss", "cudnn")
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # where torchrun asks each rank to leave word of its failure
 OOM_ADVICE = ("FAIL: out of memory. Lower the device batch size (gradient accumulation keeps the step's tokens), "
               "or make the model smaller, or undo the last change.")
@@ -130,16 +132,25 @@ def first_failure(failures: dict):
     return min(failures.items(), key=when)
 
 
-def stand_by(modules: list[str]) -> bool:
-    """Import `modules`, then wait for the lab: True once it says go, False at the end of the input. An
-    import that fails is left for train.py's own import to report."""
+def prepare(modules) -> None:
+    """Import `modules`, then, where torch came with them and sees a GPU, start CUDA (a second or two on a
+    GPU host): harness code only, done before train.py is known. An import that fails is left for
+    train.py's own import to report."""
     import importlib
 
     for name in modules:
         try:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - train.py's own import of it tells what is wrong, with its exit code
-            break
+            return
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.empty(1, device="cuda")  # the context, made now rather than at train.py's first tensor
+
+
+def stand_by(modules: list[str]) -> bool:
+    """Prepare `modules`, then wait for the lab: True once it says go, False at the end of the input."""
+    prepare(modules)
     with open(os.path.join(os.environ.get("TMPDIR", "/tmp"), READY_FILE), "w"):
         pass
     word = sys.stdin.readline().strip()

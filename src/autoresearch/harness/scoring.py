@@ -90,7 +90,7 @@ class Score:
     worst_difference: float  # the largest disagreement the checks found (nats)
     tolerance: float
     batches: int = 0
-    seconds: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)  # by part, as the lab timed them (load, rows, fresh_load, copies)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

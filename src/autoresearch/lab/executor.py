@@ -32,7 +32,7 @@ from autoresearch.errors import UserError
 
 from . import devices
 from .processes import die_with_parent
-from .supervisor import SPEC_FILE, SUPERVISOR_LOG, can_stand_by, standby_key
+from .supervisor import PER_TRIAL, SPEC_FILE, SUPERVISOR_LOG, can_stand_by, standby_key
 
 STOP_SECONDS = 15.0  # how long a stopped supervisor gets to tear its sandboxes down before it is killed
 TAKE_SECONDS = 10.0  # for a standby to take its trial; one that does not is let go, and a fresh supervisor runs it
@@ -96,6 +96,11 @@ class Executor:
     def alive(self, slot: Slot) -> bool:
         """Whether `slot` can take another trial (False once its machine has gone)."""
         return True
+
+    def keeps_compile_cache(self, slot: Slot) -> bool:
+        """Whether trials in `slot` start from, and leave, snapshots of their compile cache (lab.compile_cache):
+        their supervisor must reach the lab's own folder."""
+        return False
 
     def close(self) -> None:
         """Let go of what the executor holds (a cluster connection); running nothing is left behind."""
@@ -163,7 +168,7 @@ class Standby:
 
     proc: subprocess.Popen
     folder: Path
-    key: dict  # the spec it was made for, but for the trainer, seed and token (supervisor.standby_key)
+    key: dict  # the spec it was made for, but for what is each trial's own (supervisor.standby_key)
 
     def take(self, trial_dir: Path) -> subprocess.Popen | None:
         """Tell it its trial, and wait for it to take it (its supervisor.log appears in the trial's folder);
@@ -209,18 +214,25 @@ class LocalExecutor(Executor):
     seed and token, and only by sandboxed trials of one process. Its training starts once all its
     processes are done importing, so that they take no CPU from the budget's time.
     None (the default) stands by on GPU slots only: on a CPU the imports compete with whatever runs
-    beside them, and trials proposed back to back (the search proposer) gain nothing."""
+    beside them, and trials proposed back to back (the search proposer) gain nothing.
+
+    With `compile_cache`, trials keep torch.compile's cache for later runs (lab.compile_cache); None (the
+    default) on GPU slots only, where compiling takes 30 s or more and the CPU template compiles nothing."""
 
     name = "local"
 
-    def __init__(self, standby: bool | None = None):
+    def __init__(self, standby: bool | None = None, compile_cache: bool | None = None):
         self.standby = standby
+        self.compile_cache = compile_cache
         self._standbys: dict[tuple, list[Standby]] = {}  # by what a slot is: equal CPU slots may share
         self._made = 0
         self._lock = threading.Lock()
         # Standbys are started from this one long-lived thread: a child dies with the thread that started
         # it (PR_SET_PDEATHSIG), and a slot's threads come and go.
         self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autoresearch-standby")
+
+    def keeps_compile_cache(self, slot: Slot) -> bool:
+        return self.compile_cache if self.compile_cache is not None else slot.device == "cuda"
 
     def slots(self, parallel: int | None = None, gpus_per_trial: int = 1) -> list[Slot]:
         gpus, k = devices.gpus(), gpus_per_trial
@@ -269,7 +281,8 @@ class LocalExecutor(Executor):
     def _stand_by(self, slot_key: tuple, trials: Path, spec: dict) -> None:
         """Start a next trial's sandboxes for the slot now, from `spec`, in a folder beside the trials'."""
         # Its processes carry the workspace's part of the token, as a trial's do, so that strays can be found.
-        template = {**spec, "trainer": "", "seed": None, "token": spec.get("token", "").rpartition(":")[0] + ":standby"}
+        template = {**spec, **dict.fromkeys(PER_TRIAL), "trainer": "",
+                    "token": spec.get("token", "").rpartition(":")[0] + ":standby"}
         with self._lock:
             self._made += 1
             folder = trials / f"{STANDBY_PREFIX}{os.getpid()}-{self._made}"

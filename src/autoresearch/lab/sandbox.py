@@ -232,8 +232,11 @@ def command(spec: Spec, argv: list[str]) -> tuple[list[str], dict[str, str]]:
         uid = secrets.randbelow(SANDBOX_UID_RANGE[1] - SANDBOX_UID_RANGE[0]) + SANDBOX_UID_RANGE[0]
         argv = [sys.executable, "-m", "autoresearch.lab.dropuid", str(uid), "--", *argv]
         for host in spec.writable.values():  # the fresh uid owns what it may write, and nothing else;
-            os.chown(host, uid, uid)  # bwrap, without capabilities by then, must still enter it
-            os.chmod(host, 0o711)
+            for folder, _, names in os.walk(host):  # what the lab put there for it too (a compile cache)
+                for name in names:
+                    os.lchown(os.path.join(folder, name), uid, uid)
+                os.lchown(folder, uid, uid)
+            os.chmod(host, 0o711)  # bwrap, without capabilities by then, must still enter it
     setenv = [a for key, value in env.items() for a in ("--setenv", key, value)]
     return [bwrap, *bwrap_args(spec, uid), *setenv, "--", *argv], {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
 

@@ -18,6 +18,9 @@ lab takes a result only from a supervisor that exited 0. It:
    ended, the second, which has been shown nothing, answers the probes' copies;
 6. writes what it observed: the outcome, the lab's clock, the tokens served, the score.
 
+Where the lab asks, it also starts the trainer's compile cache from a snapshot of an earlier run, and
+copies this run's as its START arrives (lab.compile_cache says under which rules).
+
 No code of train.py ever runs beside other code of train.py: the trainer, the first model process
 and the second run one after another, in sandboxes that share nothing writable, so none can hand
 another what it saw. Nothing the trainer writes is taken as a measurement; its exit code only names
@@ -44,7 +47,7 @@ from autoresearch.harness import run as harness_run
 from autoresearch.harness import wire
 from autoresearch.harness.storage import atomic_path, write_json
 
-from . import devices, sandbox
+from . import compile_cache, devices, sandbox
 from .outcomes import Failure
 
 SPEC_FILE = "spec.json"
@@ -61,8 +64,11 @@ MAX_CHECKPOINT = 16 << 30  # bytes: a checkpoint is held in memory when it arriv
 MODEL_NICENESS = 10
 TRIAL_ENV = "AUTORESEARCH_TRIAL"  # token/sandbox: an unsandboxed trial's processes carry it, so strays can be found
 # What a standby trainer imports before its trial is known (harness.run --standby), by whether it is on CUDA:
-# torch, and the compiler that torch.optim and torch.compile import (5.9 s and 4.0 s of an H100 host's start-up).
-STANDBY_MODULES = {False: ("torch", "torch._dynamo"), True: ("torch", "torch._dynamo", "torch._inductor")}
+# torch, the compiler that torch.optim and torch.compile import (5.9 s and 4.0 s of an H100 host's start-up),
+# and on CUDA the harness's kernels that the template imports, with cuDNN's frontend and Triton.
+STANDBY_MODULES = {False: ("torch", "torch._dynamo"),
+                   True: ("torch", "torch._dynamo", "torch._inductor", *harness_run.CUDA_KERNEL_MODULES)}
+PER_TRIAL = ("trainer", "seed", "token", "compile_cache_from", "compile_cache_to")  # a standby is made without them
 STANDBY_READY_S = 120.0  # a standby not done importing by then is taken for hung and replaced
 
 
@@ -89,6 +95,8 @@ class TrialSpec:
     checkpoint: str | None = None  # score this checkpoint instead of training (e.g. on the test split)
     hidden: list[str] = field(default_factory=list)  # host folders that must stay out of sight
     token: str = ""  # carried by an unsandboxed trial's processes
+    compile_cache_from: str | None = None  # a snapshot's files, copied into the trainer's cache before it starts
+    compile_cache_to: str | None = None  # where to copy the trainer's cache as its START arrives (lab.compile_cache)
 
     @property
     def allowed_training(self) -> float:
@@ -331,6 +339,10 @@ class Supervisor:
         for name in (RANKS_FILE, META_FILE):
             shutil.copyfile(Path(self.spec.data) / name, tok_dir / name)
         box = self._sandbox_spec("train", work, tmp, sock_dir, {"/autoresearch/tokenizer": tok_dir})
+        cache = box.where(f"/tmp/{compile_cache.TRAINER_CACHE}")  # Inductor's and Triton's, where the lab finds it
+        box.env.update(TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=f"{cache}/triton")
+        if not standby:
+            self._seed_compile_cache()
         server = self._listen(sock_dir)
         ranks = self.spec.world_size
         # Several ranks run under torchrun, in this one sandbox (its rendezvous on the sandbox's own loopback),
@@ -379,12 +391,44 @@ class Supervisor:
                 self.trainer = self._start_trainer()
                 return
             shutil.copyfile(self.spec.trainer, self.root / "train" / "train.py")
+            self._seed_compile_cache()
             try:
                 proc.stdin.write(harness_run.GO.encode() + b"\n")
                 proc.stdin.close()
             except OSError:  # it ended just now: its exit is the trial's failure, which _watch reports
                 pass
             self.clock.launched = time.monotonic()
+
+    def _seed_compile_cache(self) -> None:
+        """The snapshot the lab gives this run, copied into the trainer's cache folder (none: it starts empty)."""
+        if not self.spec.compile_cache_from:
+            return
+        into = self.root / "train-tmp" / compile_cache.TRAINER_CACHE
+        shutil.rmtree(into, ignore_errors=True)
+        began = time.monotonic()
+        tmp = into.parent.stat()  # a standby's sandbox owns its /tmp already; a fresh one is given it as it starts
+        try:
+            size, files = compile_cache.copy_files(Path(self.spec.compile_cache_from), into, owner=(tmp.st_uid, tmp.st_gid))
+            seeded = {"bytes": size, "files": files}
+        except (OSError, compile_cache.TooLarge) as e:  # it compiles from nothing, as a first run does
+            shutil.rmtree(into, ignore_errors=True)
+            seeded = {"failed": str(e)[:300]}
+        self.result.setdefault("compile_cache", {})["seeded"] = {**seeded, "seconds": round(time.monotonic() - began, 3)}
+
+    def _snapshot_compile_cache(self) -> None:
+        """Copy the trainer's cache folder as its START arrives (the feed serves nothing meanwhile)."""
+        began = time.monotonic()
+        source = self.root / "train-tmp" / compile_cache.TRAINER_CACHE
+        dest = Path(self.spec.compile_cache_to) / compile_cache.FILES
+        try:
+            shutil.rmtree(dest.parent, ignore_errors=True)
+            dest.parent.mkdir(parents=True)
+            size, files = compile_cache.copy_files(source, dest) if source.is_dir() else (0, 0)
+            made = {"bytes": size, "files": files}
+        except (OSError, compile_cache.TooLarge) as e:
+            shutil.rmtree(dest.parent, ignore_errors=True)
+            made = {"refused": str(e)[:300]}
+        self.result.setdefault("compile_cache", {})["snapshot"] = {**made, "seconds": round(time.monotonic() - began, 3)}
 
     def _prepare_feed(self):
         """The training rows, ready to be served (a standby makes them before its trial)."""
@@ -406,6 +450,8 @@ class Supervisor:
         try:
             # While train.py starts up (imports, compilation), the rows get ready: it asks for none before.
             feed, bos_id = self._prepare_feed()
+            if self.spec.compile_cache_to:
+                feed.before_start = self._snapshot_compile_cache
             settings = {"profile": self.spec.profile, "time_budget": self.spec.time_budget, "bos_id": bos_id,
                         "seed": self.spec.seed, "device": self.spec.device,
                         "tokenizer": box.where("/autoresearch/tokenizer")}
@@ -536,7 +582,9 @@ class Supervisor:
             def _ready(self):
                 if self.remote is None:
                     first.end()
+                    marks["rows"] = time.monotonic()
                     self.remote = second.load(deadline)[0]
+                    marks["fresh_load"] = time.monotonic()
                 return self.remote
 
             def answer(self, tokens):
@@ -548,8 +596,10 @@ class Supervisor:
         self._note(f"scoring the checkpoint on the {self.spec.split} split")
         watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), lambda: [m.end() for m in models])
         watchdog.start()
+        marks = {"start": self.clock.scoring_started}  # when each part of the scoring ended
         try:
             model, ready = first.load(deadline)
+            marks["load"] = time.monotonic()
             batch = scoring.eval_batch_size(self.spec.device, profile.seq_len, profile.vocab_size)
             scorer = scoring.Scorer(rows, data.tokenizer.token_bytes(), batch,
                                     scoring.TOLERANCE.get(self.spec.device, 1e-3))
@@ -566,7 +616,9 @@ class Supervisor:
             watchdog.cancel()
             for m in models:
                 m.end()
-        self.clock.scoring_ended = time.monotonic()
+        self.clock.scoring_ended = marks["copies"] = time.monotonic()
+        ends = list(marks.items())
+        result.seconds = {name: round(end - previous, 3) for (_, previous), (name, end) in zip(ends, ends[1:])}
         return {**result.to_dict(), "params": ready.get("params"), "split": self.spec.split}
 
     # --- the whole trial ------------------------------------------------------------------------
@@ -582,7 +634,7 @@ class Supervisor:
         """A standby's trial: from here on its folder gets the log, the checkpoint and the result, and its
         clock starts now. The sandboxes stay where they were made, in the standby's folder."""
         if standby_key(asdict(spec)) != standby_key(asdict(self.spec)):
-            raise ValueError("the trial's spec differs from the standby's beyond its trainer, seed and token")
+            raise ValueError("the trial's spec differs from the standby's beyond what is the trial's own")
         staged = (self.dir / LOG_FILE).read_bytes()  # what the sandboxes said while they waited, if anything
         with self.log_lock:
             self.log.close()
@@ -653,8 +705,8 @@ def _stopped_by_signals(supervisor: Supervisor) -> Supervisor:
 
 
 def standby_key(spec: dict) -> dict:
-    """What a standby's sandboxes were made for: a trial's spec but for its trainer, seed and token."""
-    return {k: v for k, v in spec.items() if k not in ("trainer", "seed", "token")}
+    """What a standby's sandboxes were made for: a trial's spec but for what is the trial's own (PER_TRIAL)."""
+    return {k: v for k, v in spec.items() if k not in PER_TRIAL}
 
 
 def can_stand_by(spec: dict) -> bool:

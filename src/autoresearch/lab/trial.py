@@ -14,11 +14,15 @@ import os
 import threading
 import traceback
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 from autoresearch.harness.hardware import peak_flops
+from autoresearch.harness.storage import cache_dir
 
 from . import supervisor as sup
+from .compile_cache import FOLDER as COMPILE_CACHE_FOLDER
+from .compile_cache import CompileCache
 from .executor import Executor, LocalExecutor, Slot
 from .limits import SCORING_LIMIT, startup_limit, trial_limit
 from .outcomes import Failure
@@ -106,6 +110,17 @@ def _read_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
         return ""
 
 
+def compile_environment(ws: Workspace, slot: Slot) -> dict:
+    """What a trial's compiled code depends on besides its train.py: its snapshots' key (lab.compile_cache)."""
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = None
+    fingerprint = ws.config.get("fingerprint", {})
+    return {"autoresearch": fingerprint.get("version"), "harness": fingerprint.get("harness_sha256"),
+            "torch": torch_version, "device_class": slot.device_class, "ranks": slot.ranks}
+
+
 def trial_token(ws: Workspace, trial_id: int) -> str:
     return f"{ws.config['id']}:{trial_id}"
 
@@ -141,6 +156,11 @@ def run_trial(ws: Workspace, trial_id: int, commit: str, seed: int | None, *, sl
         return outcome
     before = ws.integrity()
     config = ws.config
+    executor = executor or LocalExecutor(standby=False, compile_cache=False)
+    cache = plan = None
+    if checkpoint is None and sandboxed and executor.keeps_compile_cache(slot):
+        cache = CompileCache(cache_dir() / COMPILE_CACHE_FOLDER, compile_environment(ws, slot))
+        plan = cache.plan(ws.lineage(commit), trial_id)
     spec = sup.TrialSpec(
         trainer=str(trial_dir / "train.py"), data=config["data"], profile=asdict(ws.profile), time_budget=ws.time_budget,
         device=slot.device, seed=seed, gpus=slot.gpus, threads=slot.threads, world_size=slot.ranks,
@@ -150,10 +170,13 @@ def run_trial(ws: Workspace, trial_id: int, commit: str, seed: int | None, *, sl
         training_tolerance=float(config.get("training_tolerance", 0.05)),
         scoring_limit=float(config.get("scoring_limit", SCORING_LIMIT)),
         split=split, checkpoint=str(checkpoint) if checkpoint else None,
-        hidden=[str(ws.root), str(Path(config["data"])), str(Path.home())], token=trial_token(ws, trial_id))
+        hidden=[str(ws.root), str(Path(config["data"])), str(Path.home()), str(cache_dir() / COMPILE_CACHE_FOLDER)],
+        token=trial_token(ws, trial_id),
+        compile_cache_from=str(plan.source) if plan and plan.source else None,
+        compile_cache_to=str(plan.incoming) if plan and plan.incoming else None)
     (trial_dir / sup.SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2))
     limit = trial_limit(config, ws.time_budget)
-    ran = (executor or LocalExecutor(standby=False)).run(trial_dir, slot, limit, stop)
+    ran = executor.run(trial_dir, slot, limit, stop)
     outcome.total_seconds = ran.seconds
     result = {}
     if ran.returncode == 0:
@@ -162,6 +185,13 @@ def run_trial(ws: Workspace, trial_id: int, commit: str, seed: int | None, *, sl
         except (OSError, json.JSONDecodeError):
             result = {}
     outcome.result = result
+    if cache is not None:
+        note = cache.record(plan, result if result.get("outcome") == "ok" else {}, trial_id)
+        if result:  # none stays none: the trial failed
+            result.setdefault("compile_cache", {}).update(given=plan.given, note=note)
+        if note:
+            with open(log_path, "a") as log:
+                log.write(f"\n[autoresearch: {note}]\n")
     outcome.log_tail = _read_tail(log_path)
     if not result:
         if stop is not None and stop.is_set():
@@ -183,6 +213,8 @@ def run_trial(ws: Workspace, trial_id: int, commit: str, seed: int | None, *, sl
     outcome.hardware = {"device": slot.device, "class": outcome.device_class, "gpus": slot.gpus, "threads": slot.threads,
                         "world_size": slot.ranks, "reported_by_train.py": outcome.stats.get("device_name"),
                         **ran.placement}
+    if plan is not None:  # the commit whose compile cache it started from; None: it compiled from nothing
+        outcome.hardware["compile_cache"] = plan.given
     outcome.summary = summarize(result)
     try:
         ws.check_integrity(before)
