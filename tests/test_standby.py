@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,11 +24,13 @@ from autoresearch.proposers.scripted import ScriptedProposer
 from lab_helpers import alive, make_workspace, survivors, tagged_processes, trainer_processes, variant
 
 # What the trainer finds as it starts: whether torch was imported before its first line, and its /tmp. It
-# leaves a stash in /tmp, which the next trial must not find.
+# leaves a stash in /tmp, which the next trial must not find. A checkout under /tmp shows there too: its
+# installation is bound into the sandbox's /tmp.
+INSTALLED = sorted({Path(p).parts[2] for p in (sys.prefix, __file__) if Path(p).parts[1:2] == ("tmp",)})
 PROBING = variant(("import time\n", "import sys\nimport os\nimport time\n\n"
                                     "print('torch before train.py:', 'torch' in sys.modules, flush=True)\n"
-                                    "print('tmp holds:', sorted(n for n in os.listdir('/tmp') if n != 'torchinductor_sandbox'), "
-                                    "flush=True)\n"
+                                    "print('tmp holds:', sorted(n for n in os.listdir('/tmp') "
+                                    f"if n not in {['torchinductor_sandbox', *INSTALLED]!r}), flush=True)\n"
                                     "open('/tmp/stash', 'w').write('weights of the last trial')\n"))
 EDITS = [{"description": "LR 0.003 -> 0.01", "replace": [["LR = 0.003", "LR = 0.01"]]},
          {"description": "DIM 32 -> 48", "replace": [["DIM = 32", "DIM = 48"]]}]
