@@ -1,5 +1,5 @@
 """torch.compile's cache kept from one run for the next (lab.compile_cache): taken as START arrives, only
-from a run that was given none, and given only to runs of the same train.py and of commits built on it.
+from a run that was given none, and given only to runs of the same train.py, or the baseline's to any run.
 
 The tiny trainer on the CPU plays the compiler: it writes into $TORCHINDUCTOR_CACHE_DIR as Inductor would,
 and tries what a hostile one would (writing trained weights after the start through a file it opened
@@ -117,13 +117,13 @@ def make_store(tmp_path: Path, device_class: str = "H100 80GB HBM3") -> CompileC
     return CompileCache(tmp_path / "store", {"torch": "2.11.0", "device_class": device_class})
 
 
-def lineage(*commits: str) -> list[tuple[str, str]]:
-    """(commit, train.py's blob id) nearest first; here each commit's train.py is its own."""
-    return [(c, f"blob of {c}") for c in commits]
+def run_of(commit: str, train_py: str | None = None) -> tuple[str, str]:
+    """(commit, its train.py's blob id); here a commit's train.py is its own unless named."""
+    return commit, f"blob of {train_py or commit}"
 
 
-def folder(cache: CompileCache, commit: str) -> Path:
-    return cache.root / cache.key(f"blob of {commit}")
+def folder(cache: CompileCache, train_py: str) -> Path:
+    return cache.root / cache.key(f"blob of {train_py}")
 
 
 def finish(cache: CompileCache, plan, warmup: float, trial_id: int, files: int = 1) -> str | None:
@@ -132,53 +132,78 @@ def finish(cache: CompileCache, plan, warmup: float, trial_id: int, files: int =
         (plan.incoming / compile_cache.FILES).mkdir(parents=True)
         (plan.incoming / compile_cache.FILES / "kernel").write_text(f"trial {trial_id}")
     result = {"outcome": "ok", "clock": {"launched": 0.5, "first_request": 1.0, "started": 1.0 + warmup},
-              "compile_cache": {"snapshot": {"files": files, "bytes": 10}} if plan.incoming else {}}
+              "compile_cache": {"snapshot": {"files": files, "bytes": 10, "seconds": 0.1}} if plan.incoming
+              else {"seeded": {"files": plan.made_files, "bytes": 10}}}
     return cache.record(plan, result, trial_id)
 
 
-def test_a_run_is_given_its_own_train_pys_snapshot_else_its_nearest_ancestors_never_a_siblings(tmp_path):
+def test_a_run_is_given_its_own_train_pys_snapshot_else_the_baselines_never_an_earlier_bests(tmp_path):
     cache = make_store(tmp_path)
-    root = cache.plan(lineage("A"), 1)
-    assert root.given is None and root.incoming is not None
-    finish(cache, root, 40.0, 1)
-    child = cache.plan(lineage("B", "A"), 2)  # a candidate built on A
-    assert (child.given, child.incoming, child.made_warmup) == ("A", None, 40.0)
+    base = run_of("A")
+    first = cache.plan(base, base, 1)
+    assert first.given is None and first.incoming is not None
+    finish(cache, first, 40.0, 1)
+    child = cache.plan(run_of("B"), base, 2)  # a candidate built on the baseline
+    assert (child.given, child.incoming, child.made_warmup) == ("A", None, 40.0 - 0.1)
     assert child.source == folder(cache, "A") / compile_cache.FILES
     finish(cache, child, 9.0, 2)  # it hit: nothing more is kept
-    sibling = cache.plan(lineage("C", "A"), 3)
-    assert sibling.given == "A"
-    grandchild = cache.plan(lineage("D", "B", "A"), 4)  # built on B, which has no snapshot of its own
-    assert grandchild.given == "A"
-    assert cache.plan(lineage("E", "X"), 5).given is None  # another lineage: nothing of A's
+    # B kept as the best, with a snapshot of its own from a later run of it: C, built on B, is given the
+    # baseline's, never B's, whose pickles would run in C.
+    assert cache.plan(run_of("B"), base, 3).given == "A"
+    (folder(cache, "B") / compile_cache.FILES).mkdir(parents=True)
+    (folder(cache, "B") / compile_cache.META_FILE).write_text('{"warmup_seconds": 40.0, "files": 1}')
+    assert cache.plan(run_of("C"), base, 4).given == "A"
+    assert cache.plan(run_of("B"), base, 5).given == "B"  # its own
     # A commit whose train.py is A's (a change undone) is given it as its own; another device, nothing.
-    assert cache.plan([("F", "blob of A"), ("E", "blob of E")], 6).given == "F"
-    assert make_store(tmp_path, "NVIDIA H200").plan(lineage("A"), 7).given is None
+    assert cache.plan(run_of("F", "A"), base, 6).given == "F"
+    assert make_store(tmp_path, "NVIDIA H200").plan(run_of("A"), base, 7).given is None
 
 
-def test_a_commit_that_missed_its_ancestors_snapshot_compiles_afresh_next_time_and_keeps_its_own(tmp_path):
+def test_a_commit_that_missed_the_baselines_snapshot_compiles_afresh_next_time_and_keeps_its_own(tmp_path):
     cache = make_store(tmp_path)
-    finish(cache, cache.plan(lineage("A"), 1), 40.0, 1)
-    child = cache.plan(lineage("B", "A"), 2)
+    base = run_of("A")
+    finish(cache, cache.plan(base, base, 1), 40.0, 1)
+    child = cache.plan(run_of("B"), base, 2)
     note = finish(cache, child, 38.0, 2)  # its edit changed what is compiled: a warm-up as long as a cold one
     assert "missed" in note
-    again = cache.plan(lineage("B", "A"), 3)
+    again = cache.plan(run_of("B"), base, 3)
     assert again.given is None and again.incoming is not None
     finish(cache, again, 39.0, 3)
-    assert cache.plan(lineage("B", "A"), 4).given == "B"
-    assert cache.plan(lineage("C", "B", "A"), 5).given == "B"  # built on B once it is the best
+    assert cache.plan(run_of("B"), base, 4).given == "B"
+
+
+def test_a_seed_that_came_out_short_is_no_miss(tmp_path):
+    cache = make_store(tmp_path)
+    base = run_of("A")
+    finish(cache, cache.plan(base, base, 1), 40.0, 1, files=3)
+    child = cache.plan(run_of("B"), base, 2)
+    child.made_files = 3
+    result = {"outcome": "ok", "clock": {"first_request": 1.0, "started": 39.0},
+              "compile_cache": {"seeded": {"files": 1}}}  # another lab evicted it while it was copied
+    assert cache.record(child, result, 2) is None
+    assert cache.plan(run_of("B"), base, 3).given == "A"
 
 
 def test_a_failed_run_leaves_no_snapshot_and_only_the_most_recently_used_are_kept(tmp_path):
     cache = make_store(tmp_path)
-    plan = cache.plan(lineage("A"), 1)
+    plan = cache.plan(run_of("A"), None, 1)
     (plan.incoming / compile_cache.FILES).mkdir(parents=True)
     assert cache.record(plan, {}, 1) is None  # a crash: no result
-    assert not plan.incoming.exists() and cache.plan(lineage("A"), 2).given is None
+    assert not plan.incoming.exists() and cache.plan(run_of("A"), None, 2).given is None
     for i in range(KEPT_SNAPSHOTS + 2):
-        finish(cache, cache.plan(lineage(f"C{i}"), 10 + i), 30.0, 10 + i)
+        finish(cache, cache.plan(run_of(f"C{i}"), None, 10 + i), 30.0, 10 + i)
         os.utime(folder(cache, f"C{i}"), (i, i))  # in the order they were made
     kept = sorted(p.name for p in cache.root.iterdir() if p.is_dir())
     assert kept == sorted(folder(cache, f"C{i}").name for i in range(2, KEPT_SNAPSHOTS + 2))
+
+
+def test_a_snapshot_in_the_making_that_a_dead_lab_left_is_swept(tmp_path):
+    cache = make_store(tmp_path)
+    cache.root.mkdir()
+    left = cache.root / f"{compile_cache.INCOMING_PREFIX}{2**22 + 7}-3"  # above Linux's largest pid
+    (left / compile_cache.FILES).mkdir(parents=True)
+    mine = cache.plan(run_of("A"), None, 4)
+    assert not left.exists() and mine.incoming.name == f"{compile_cache.INCOMING_PREFIX}{os.getpid()}-4"
 
 
 def test_a_snapshot_copies_regular_files_only_and_refuses_a_cache_past_its_limits(tmp_path):
@@ -200,3 +225,46 @@ def test_a_snapshot_copies_regular_files_only_and_refuses_a_cache_past_its_limit
     (tmp_path / "linked").symlink_to(source)
     with pytest.raises(OSError):  # the folder itself is never reached through a link
         copy_files(tmp_path / "linked", tmp_path / "through a link")
+
+
+def chain(top: Path, depth: int, remove: bool = False) -> None:
+    """Make top/d/d/.../d, `depth` deep, through folder descriptors (its path is too long to name); or
+    remove it, a level at a time from the top (shutil.rmtree recurses too)."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if remove:
+            while True:
+                try:
+                    os.rename("d/d", "next", src_dir_fd=fd, dst_dir_fd=fd)
+                except FileNotFoundError:
+                    os.rmdir("d", dir_fd=fd)
+                    return
+                os.rmdir("d", dir_fd=fd)
+                os.rename("next", "d", src_dir_fd=fd, dst_dir_fd=fd)
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+
+
+def test_a_cache_of_folders_too_deep_or_too_many_is_refused_without_exhausting_the_lab(tmp_path):
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    chain(deep, 1500)  # past Python's recursion limit: a copy by recursion would raise RecursionError
+    try:
+        with pytest.raises(TooLarge, match="deep"):
+            copy_files(deep, tmp_path / "deep copy")
+    finally:
+        chain(deep, 1500, remove=True)
+    wide = tmp_path / "wide"
+    for i in range(60):
+        (wide / str(i)).mkdir(parents=True)  # folders count, as files do
+    with pytest.raises(TooLarge, match="entries"):
+        copy_files(wide, tmp_path / "wide copy", limits=(1 << 20, 50))
+    deepest = tmp_path / "deepest allowed" / Path(*["d"] * compile_cache.MAX_DEPTH)
+    deepest.mkdir(parents=True)
+    (deepest / "kernel").write_text("code")
+    assert copy_files(tmp_path / "deepest allowed", tmp_path / "its copy") == (4, 1)

@@ -232,10 +232,10 @@ def command(spec: Spec, argv: list[str]) -> tuple[list[str], dict[str, str]]:
         uid = secrets.randbelow(SANDBOX_UID_RANGE[1] - SANDBOX_UID_RANGE[0]) + SANDBOX_UID_RANGE[0]
         argv = [sys.executable, "-m", "autoresearch.lab.dropuid", str(uid), "--", *argv]
         for host in spec.writable.values():  # the fresh uid owns what it may write, and nothing else;
-            for folder, _, names in os.walk(host):  # what the lab put there for it too (a compile cache)
-                for name in names:
-                    os.lchown(os.path.join(folder, name), uid, uid)
-                os.lchown(folder, uid, uid)
+            for _, folders, names, fd in os.fwalk(host):  # what the lab put there for it too (a compile cache)
+                for name in folders + names:
+                    os.chown(name, uid, uid, dir_fd=fd, follow_symlinks=False)
+            os.chown(host, uid, uid)
             os.chmod(host, 0o711)  # bwrap, without capabilities by then, must still enter it
     setenv = [a for key, value in env.items() for a in ("--setenv", key, value)]
     return [bwrap, *bwrap_args(spec, uid), *setenv, "--", *argv], {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}

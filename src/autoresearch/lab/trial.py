@@ -110,6 +110,12 @@ def _read_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
         return ""
 
 
+def _note(log_path: Path, line: str) -> None:
+    """A line of the lab's in a trial's log."""
+    with open(log_path, "a") as log:
+        log.write(f"\n[autoresearch: {line}]\n")
+
+
 def compile_environment(ws: Workspace, slot: Slot) -> dict:
     """What a trial's compiled code depends on besides its train.py: its snapshots' key (lab.compile_cache)."""
     try:
@@ -160,7 +166,13 @@ def run_trial(ws: Workspace, trial_id: int, commit: str, seed: int | None, *, sl
     cache = plan = None
     if checkpoint is None and sandboxed and executor.keeps_compile_cache(slot):
         cache = CompileCache(cache_dir() / COMPILE_CACHE_FOLDER, compile_environment(ws, slot))
-        plan = cache.plan(ws.lineage(commit), trial_id)
+        try:
+            base = config["base_commit"]
+            own, baseline = ws.blob_ids([commit, base])
+            plan = cache.plan((commit, own), (base, baseline), trial_id)
+        except Exception as e:  # noqa: BLE001 - a store it cannot use: the run compiles from nothing
+            cache = None
+            _note(log_path, f"no compile cache for this run: {type(e).__name__}: {e}")
     spec = sup.TrialSpec(
         trainer=str(trial_dir / "train.py"), data=config["data"], profile=asdict(ws.profile), time_budget=ws.time_budget,
         device=slot.device, seed=seed, gpus=slot.gpus, threads=slot.threads, world_size=slot.ranks,
@@ -186,12 +198,14 @@ def run_trial(ws: Workspace, trial_id: int, commit: str, seed: int | None, *, sl
             result = {}
     outcome.result = result
     if cache is not None:
-        note = cache.record(plan, result if result.get("outcome") == "ok" else {}, trial_id)
+        try:
+            note = cache.record(plan, result if result.get("outcome") == "ok" else {}, trial_id)
+        except Exception as e:  # noqa: BLE001 - the trial's record comes first
+            note = f"its compile cache was not kept: {type(e).__name__}: {e}"
         if result:  # none stays none: the trial failed
             result.setdefault("compile_cache", {}).update(given=plan.given, note=note)
         if note:
-            with open(log_path, "a") as log:
-                log.write(f"\n[autoresearch: {note}]\n")
+            _note(log_path, note)
     outcome.log_tail = _read_tail(log_path)
     if not result:
         if stop is not None and stop.is_set():
@@ -213,7 +227,7 @@ def run_trial(ws: Workspace, trial_id: int, commit: str, seed: int | None, *, sl
     outcome.hardware = {"device": slot.device, "class": outcome.device_class, "gpus": slot.gpus, "threads": slot.threads,
                         "world_size": slot.ranks, "reported_by_train.py": outcome.stats.get("device_name"),
                         **ran.placement}
-    if plan is not None:  # the commit whose compile cache it started from; None: it compiled from nothing
+    if cache is not None:  # the commit whose compile cache it started from; None: it compiled from nothing
         outcome.hardware["compile_cache"] = plan.given
     outcome.summary = summarize(result)
     try:

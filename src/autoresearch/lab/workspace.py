@@ -116,11 +116,9 @@ class Tree:
         """The file `name` as it is in `commit`."""
         return git(self.root, "show", f"{commit}:{name}", strip=False)
 
-    def lineage(self, commit: str, name: str = "train.py", limit: int = 64) -> list[tuple[str, str]]:
-        """`commit` and the commits it was built on, nearest first, following first parents (for a trial's
-        commit: the bests it was built on), each with its `name`'s blob id."""
-        commits = git(self.root, "rev-list", "--first-parent", f"--max-count={limit + 1}", commit).split()
-        return list(zip(commits, git(self.root, "rev-parse", *(f"{c}:{name}" for c in commits)).split()))
+    def blob_ids(self, commits: list[str], name: str = "train.py") -> list[str]:
+        """Git's id of `name`'s content in each of `commits`."""
+        return git(self.root, "rev-parse", *(f"{c}:{name}" for c in commits)).split()
 
     def status(self) -> dict[str, str]:
         """Tracked files that differ from HEAD and untracked files git does not ignore: {path: status}."""
