@@ -21,9 +21,10 @@ With --standby, the launcher first imports the modules it names (harness code on
 compiler take 10-15 s to import on a GPU host) and starts CUDA where there is a GPU, then waits for the
 lab's word on its standard input: `go` runs train.py as above, anything else (the end of the input)
 exits 0 without running it. The lab starts a trial this way before the trial is known (lab.executor's
-standby), in that trial's own fresh sandbox, so that the imports are done by the time train.py is. Environment variables that those modules
-read as they are imported (TORCHINDUCTOR_*, TORCHDYNAMO_*) are read before train.py could set them:
-train.py sets compiler options through torch._inductor.config and torch._dynamo.config instead.
+standby), in that trial's own fresh sandbox, so that the imports are done by the time train.py is.
+Environment variables that those modules read as they are imported (TORCHINDUCTOR_*, TORCHDYNAMO_*) are
+read before train.py could set them: train.py sets compiler options through torch._inductor.config and
+torch._dynamo.config instead.
 """
 from __future__ import annotations
 

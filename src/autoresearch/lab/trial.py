@@ -164,8 +164,9 @@ def run_trial(ws: Workspace, trial_id: int, commit: str, seed: int | None, *, sl
     config = ws.config
     executor = executor or LocalExecutor(standby=False, compile_cache=False)
     cache = plan = None
+    store = cache_dir() / COMPILE_CACHE_FOLDER
     if checkpoint is None and sandboxed and executor.keeps_compile_cache(slot):
-        cache = CompileCache(cache_dir() / COMPILE_CACHE_FOLDER, compile_environment(ws, slot))
+        cache = CompileCache(store, compile_environment(ws, slot))
         try:
             base = config["base_commit"]
             own, baseline = ws.blob_ids([commit, base])
@@ -182,7 +183,7 @@ def run_trial(ws: Workspace, trial_id: int, commit: str, seed: int | None, *, sl
         training_tolerance=float(config.get("training_tolerance", 0.05)),
         scoring_limit=float(config.get("scoring_limit", SCORING_LIMIT)),
         split=split, checkpoint=str(checkpoint) if checkpoint else None,
-        hidden=[str(ws.root), str(Path(config["data"])), str(Path.home()), str(cache_dir() / COMPILE_CACHE_FOLDER)],
+        hidden=[str(ws.root), str(Path(config["data"])), str(Path.home()), str(store)],
         token=trial_token(ws, trial_id),
         compile_cache_from=str(plan.source) if plan and plan.source else None,
         compile_cache_to=str(plan.incoming) if plan and plan.incoming else None)
